@@ -1,0 +1,14 @@
+"""sb_ref: stick-breaking attention (Tan et al., 2024), exact and fast.
+
+- :func:`stick_breaking_attention`: the op (Triton on CUDA, tiled PyTorch elsewhere), differentiable.
+- :func:`stick_breaking_weights`: the stable weight matrix of a logits matrix, for teaching and checks.
+- :class:`StickBreakingSelfAttention`: a causal self-attention layer with no positional encoding.
+- :mod:`sb_ref.naive`: the definition as numpy loops. :mod:`sb_ref.testing`: oracle, regimes, probes.
+"""
+from . import naive, testing
+from .attention import stick_breaking_attention
+from .layer import StickBreakingSelfAttention
+from .weights import stick_breaking_weights
+
+__all__ = ["stick_breaking_attention", "stick_breaking_weights", "StickBreakingSelfAttention", "naive", "testing"]
+__version__ = "0.1.0"

@@ -1,0 +1,20 @@
+"""Test-session setup shared by every test file.
+
+Without a CUDA GPU the Triton kernels run through Triton's interpreter, which must be switched on before any
+kernel is defined, so it is set here, before anything imports ``sb_ref.kernels``.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
