@@ -62,7 +62,7 @@ def test_largest_allocation_ignores_views_and_counts_new_storage():
 
 
 @pytest.mark.parametrize("module", ["sb_ref.naive", "sb_ref.weights", "sb_ref.attention", "sb_ref.layer",
-                                    "sb_ref.testing"])
+                                    "sb_ref.testing.core"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -1,11 +1,11 @@
-"""Tools for checking stick-breaking attention: the float64 oracle, the input regimes, error measures and a
+"""The building blocks of every check: the float64 oracle, the input regimes, the error measure and a
 probe of the largest allocation. The learners' checks (one per exercise) are built on these.
 """
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .weights import stick_breaking_weights
+from ..weights import stick_breaking_weights
 
 REGIMES = ("random", "long", "saturated")
 
