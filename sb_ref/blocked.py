@@ -16,8 +16,11 @@ O(T^2). The backward pass recomputes the same tiles instead of storing them. Gra
 
 ``C`` sums over keys farther than ``k``, while the walk goes nearest first, so it is taken as
 ``delta[i] - R[i, k]`` with ``R`` the running sum of ``dl`` over keys at or nearer than ``k`` and
-``delta[i] = sum_j dl[i, j] = dO[i] . o[i]`` (``o`` kept in the compute precision for exactly this).
-Everything runs in float32 (float64 for float64 inputs); gradients never accumulate in half precision.
+``delta[i] = sum_j dl[i, j]``. ``delta`` could be had as ``dO[i] . o[i]``, but rounded differently from ``R``
+it leaves a small constant error in ``C`` for every far key, which ``dq`` sums over thousands of keys. So a
+first walk accumulates ``delta`` exactly as the second accumulates ``R``: where the far keys contribute
+nothing (a used-up stick), ``C`` is exactly zero. Everything runs in float32 (float64 for float64 inputs);
+gradients never accumulate in half precision.
 """
 import torch
 import torch.nn.functional as F
@@ -63,23 +66,34 @@ def _forward(q, k, v, scale, attend_current, block):
     return o.flatten(-3, -2)[..., :T, :], carry.flatten(-2)[..., :T]
 
 
-def _backward(q, k, v, o, log_rem, do, drem, scale, attend_current, block):
-    """Gradients of the tiled forward; shapes as in _forward, do like o, drem like log_rem."""
+def _log_weight_grads(q_t, k_t, v_t, do_t, carry, s, scale, attend_current):
+    """Step s of a backward walk: the tiles' scores, dl = A * (dO . v) and its sums over the keys at or nearer
+    than each key of the tile (``[..., 0]`` is the tile's row sum, so both walks add the very same numbers)."""
+    z, log_keep, A, visible = _scores(q_t, k_t, carry, s, scale, attend_current)
+    dl = A * (do_t[..., s:, :, :] @ v_t[..., : v_t.shape[-3] - s, :, :].transpose(-1, -2))
+    return z, log_keep, A, visible, dl, dl.flip(-1).cumsum(-1).flip(-1)
+
+
+def _backward(q, k, v, log_rem, do, drem, scale, attend_current, block):
+    """Gradients of the tiled forward; shapes as in _forward, do like its o, drem like log_rem."""
     T = q.shape[-2]
     q_t, k_t, v_t, do_t = (_tiles(x, block) for x in (q, k, v, do))
-    delta = _tiles((do * o).sum(-1, keepdim=True), block)[..., 0]
     g = _tiles((drem * log_rem.exp()).unsqueeze(-1), block)[..., 0]
     n = q_t.shape[-3]
+    carry = q.new_zeros(q_t.shape[:-1])
+    delta = q.new_zeros(q_t.shape[:-1])
+    for s in range(n):  # first walk: delta = sum of dl, accumulated as the second walk accumulates R
+        _, log_keep, _, _, _, suffix = _log_weight_grads(q_t, k_t, v_t, do_t, carry, s, scale, attend_current)
+        carry[..., s:, :] += log_keep.sum(-1)
+        delta[..., s:, :] += suffix[..., 0]
     dq, dk, dv = torch.zeros_like(q_t), torch.zeros_like(k_t), torch.zeros_like(v_t)
     carry = q.new_zeros(q_t.shape[:-1])
     nearer = q.new_zeros(q_t.shape[:-1])  # R: sum of dl over the keys visited so far
     for s in range(n):
-        z, log_keep, A, visible = _scores(q_t, k_t, carry, s, scale, attend_current)
-        k_s, v_s = k_t[..., : n - s, :, :], v_t[..., : n - s, :, :]
-        do_s, q_s = do_t[..., s:, :, :], q_t[..., s:, :, :]
-        dl = A * (do_s @ v_s.transpose(-1, -2))
-        at_or_nearer = nearer[..., s:, :, None] + dl.flip(-1).cumsum(-1).flip(-1)
-        farther = delta[..., s:, :, None] - at_or_nearer
+        z, log_keep, A, visible, dl, suffix = _log_weight_grads(
+            q_t, k_t, v_t, do_t, carry, s, scale, attend_current)
+        k_s, do_s, q_s = k_t[..., : n - s, :, :], do_t[..., s:, :, :], q_t[..., s:, :, :]
+        farther = delta[..., s:, :, None] - (nearer[..., s:, :, None] + suffix)
         beta = torch.sigmoid(z)
         dz = dl * torch.sigmoid(-z) - beta * (farther + g[..., s:, :, None])
         if visible is not None:
@@ -88,7 +102,7 @@ def _backward(q, k, v, o, log_rem, do, drem, scale, attend_current, block):
         dk[..., : n - s, :, :] += scale * (dz.transpose(-1, -2) @ q_s).sum(2, keepdim=True)
         dv[..., : n - s, :, :] += (A.transpose(-1, -2) @ do_s).sum(2, keepdim=True)
         carry[..., s:, :] += log_keep.sum(-1)
-        nearer[..., s:, :] += dl.sum(-1)
+        nearer[..., s:, :] += suffix[..., 0]
     return tuple(x.flatten(-3, -2)[..., :T, :] for x in (dq, dk, dv))
 
 
@@ -124,23 +138,24 @@ class StickBreakingFunction(torch.autograd.Function):
         for s, e in _segments(T, bounds):
             o[..., s:e, :], log_rem[..., s:e] = _forward(
                 q5[..., s:e, :], k5[..., s:e, :], v5[..., s:e, :], scale, attend_current, block)
-        ctx.save_for_backward(q, k, v, o, log_rem)
+        ctx.save_for_backward(q, k, v, log_rem)
         ctx.config = (scale, attend_current, bounds, block)
         return o.reshape(B, Hq, T, -1).to(q.dtype), log_rem.exp().reshape(B, Hq, T)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, drem):
-        q, k, v, o, log_rem = ctx.saved_tensors
+        q, k, v, log_rem = ctx.saved_tensors
         scale, attend_current, bounds, block = ctx.config
-        q5, k5, v5 = _grouped(q, k, v, o.dtype)
-        do = torch.zeros_like(o) if do is None else do.to(o.dtype).reshape(o.shape)
-        drem = torch.zeros_like(log_rem) if drem is None else drem.to(o.dtype).reshape(log_rem.shape)
+        q5, k5, v5 = _grouped(q, k, v, log_rem.dtype)
+        o_shape = (*q5.shape[:-1], v.shape[-1])
+        do = q5.new_zeros(o_shape) if do is None else do.to(q5.dtype).reshape(o_shape)
+        drem = torch.zeros_like(log_rem) if drem is None else drem.to(q5.dtype).reshape(log_rem.shape)
         dq, dk, dv = torch.zeros_like(q5), torch.zeros_like(k5), torch.zeros_like(v5)
         for s, e in _segments(q.shape[2], bounds):
             part = slice(s, e)
             dq[..., part, :], dk[..., part, :], dv[..., part, :] = _backward(
-                q5[..., part, :], k5[..., part, :], v5[..., part, :], o[..., part, :], log_rem[..., part],
+                q5[..., part, :], k5[..., part, :], v5[..., part, :], log_rem[..., part],
                 do[..., part, :], drem[..., part], scale, attend_current, block)
         return (dq.reshape(q.shape).to(q.dtype), dk.squeeze(2).to(k.dtype), dv.squeeze(2).to(v.dtype),
                 None, None, None, None)
