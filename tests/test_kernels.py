@@ -1,0 +1,204 @@
+"""The Triton kernels (sb_ref.kernels) against the float64 oracle, on the CPU through Triton's interpreter.
+
+conftest.py switches the interpreter on when there is no GPU; on a GPU the same tests run compiled. Sizes stay
+small (T up to a few hundred) so that the whole file runs in well under three minutes on two cores.
+"""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from reference import attention, rel_err
+from sb_ref.kernels import stick_breaking_attention_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (output and remainder, gradients): DESIGN.md's bounds
+TOL = {torch.float32: (1e-5, 3e-5), torch.bfloat16: (2.5e-3, 3e-3), torch.float16: (2.5e-3, 3e-3)}
+
+
+def make_inputs(regime, B, Hq, Hk, T, D, Dv, dtype, seed=0, scale=None):
+    """q, k, v in `dtype` (on DEVICE, requiring grad) for one input regime, and the logit scale."""
+    g = torch.Generator().manual_seed(seed)
+    scale = D ** -0.5 if scale is None else scale
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k = torch.randn(B, Hk, T, D, generator=g)
+    v = torch.randn(B, Hk, T, Dv, generator=g)
+    if regime == "long":
+        # logits near -8 (+- ~0.2): q and k share one direction with opposite signs, plus a little noise
+        u = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+        a = math.sqrt(8.0 / scale)
+        q = a * u + 0.02 * q
+        k = -a * u + 0.02 * k
+    elif regime == "saturated":
+        # logits ~ N(0, 15^2): many of magnitude 20 to 50
+        c = math.sqrt(15.0 / (scale * math.sqrt(D)))
+        q, k = c * q, c * k
+    q, k, v = (x.to(dtype).to(DEVICE).requires_grad_() for x in (q, k, v))
+    return q, k, v, scale
+
+
+def run_and_check(q, k, v, scale, attend_current, cu_seqlens=None, seed=1, check_grads=True, label=""):
+    """Forward and backward (through o and rem) against the oracle on the same rounded inputs; returns errors."""
+    g = torch.Generator().manual_seed(seed)
+    q.grad = k.grad = v.grad = None
+    o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens)
+    assert o.dtype == q.dtype and o.shape == (*q.shape[:-1], v.shape[-1])
+    assert rem.dtype == torch.float32 and rem.shape == q.shape[:-1]
+    go = torch.randn(o.shape, generator=g).to(q.dtype).to(q.device)
+    grem = torch.randn(rem.shape, generator=g).to(q.device)
+    qd, kd, vd = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    cu = None if cu_seqlens is None else cu_seqlens.cpu()
+    ro, rr = attention(qd, kd, vd, scale, attend_current, cu)
+    tol_o, tol_g = TOL[q.dtype]
+    errs = {"o": rel_err(o.cpu(), ro), "rem": rel_err(rem.cpu(), rr)}
+    if check_grads:
+        ((o.float() * go.float()).sum() + (rem * grem).sum()).backward()
+        ((ro * go.cpu().double()).sum() + (rr * grem.cpu().double()).sum()).backward()
+        for name, x, xd in (("dq", q, qd), ("dk", k, kd), ("dv", v, vd)):
+            assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+            errs[name] = rel_err(x.grad.cpu(), xd.grad)
+    for name, err in errs.items():
+        tol = tol_o if name in ("o", "rem") else tol_g
+        assert err <= tol, f"{label} {name}: relative error {err:.3e} > {tol:.1e} ({errs})"
+    return errs
+
+
+@pytest.mark.parametrize("regime", ["random", "long", "saturated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attend_current", [False, True])
+def test_regimes(regime, dtype, attend_current):
+    # a length that is no multiple of any block, a non-power-of-two head dim, GQA and Dv != D in one go
+    q, k, v, scale = make_inputs(regime, 1, 4, 2, 157, 48, 32, dtype, seed=hash((regime, attend_current)) % 1000)
+    run_and_check(q, k, v, scale, attend_current, label=f"{regime} {dtype}")
+
+
+@pytest.mark.parametrize("D,Dv", [(16, 16), (64, 64), (64, 16), (16, 80)])
+def test_head_dims(D, Dv):
+    q, k, v, scale = make_inputs("random", 2, 2, 2, 70, D, Dv, torch.bfloat16, seed=D + Dv)
+    run_and_check(q, k, v, scale, False, label=f"D={D} Dv={Dv}")
+
+
+def test_long_sequence_float32():
+    # several backward chunks (the interpreter's chunk is 32 keys) and a stick that outlasts the sequence
+    q, k, v, scale = make_inputs("long", 1, 1, 1, 300, 16, 16, torch.float32, seed=3)
+    run_and_check(q, k, v, scale, False)
+
+
+def test_scale_given_and_gqa4():
+    q, k, v, scale = make_inputs("random", 1, 4, 1, 90, 16, 24, torch.float32, seed=4, scale=0.37)
+    run_and_check(q, k, v, scale, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen(dtype):
+    # an empty sequence, two of length 1, and lengths that are no block multiple; nothing crosses a boundary
+    lens = [5, 0, 1, 40, 1, 77, 33]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    T = sum(lens)
+    q, k, v, scale = make_inputs("random", 1, 2, 1, T, 16, 16, dtype, seed=5)
+    run_and_check(q, k, v, scale, False, cu_seqlens=cu)
+    run_and_check(q, k, v, scale, True, cu_seqlens=cu.long())
+
+
+def test_varlen_equals_separate_calls():
+    lens = [17, 1, 50]
+    cu = torch.tensor([0, 17, 18, 68], device=DEVICE)
+    q, k, v, scale = make_inputs("random", 1, 2, 2, 68, 16, 16, torch.float32, seed=6)
+    o, rem = stick_breaking_attention_triton(q, k, v, scale, False, cu)
+    start = 0
+    for n in lens:
+        s = slice(start, start + n)
+        o1, rem1 = stick_breaking_attention_triton(q[:, :, s], k[:, :, s], v[:, :, s], scale, False)
+        torch.testing.assert_close(o[:, :, s], o1, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rem[:, :, s], rem1, rtol=0, atol=1e-6)
+        start += n
+
+
+@pytest.mark.parametrize("attend_current", [False, True])
+def test_length_one(attend_current):
+    q, k, v, scale = make_inputs("random", 2, 2, 1, 1, 16, 16, torch.float32, seed=7)
+    errs = run_and_check(q, k, v, scale, attend_current)
+    if not attend_current:
+        # query 0 sees nothing: o = 0, rem = 1
+        o, rem = stick_breaking_attention_triton(q, k, v, scale, False)
+        assert torch.all(o == 0) and torch.all(rem == 1)
+    assert all(math.isfinite(e) for e in errs.values())
+
+
+def test_any_strides():
+    # (B, T, H, D) memory viewed as (B, H, T, D), and v sliced out of a wider tensor
+    g = torch.Generator().manual_seed(8)
+    qt = torch.randn(2, 60, 4, 16, generator=g).to(DEVICE)
+    kt = torch.randn(2, 60, 2, 16, generator=g).to(DEVICE)
+    vw = torch.randn(2, 2, 60, 40, generator=g).to(DEVICE)
+    q = qt.transpose(1, 2).requires_grad_()
+    k = kt.transpose(1, 2).requires_grad_()
+    v = vw[..., 8:32].detach().requires_grad_()
+    assert not q.is_contiguous() and not v.is_contiguous()
+    run_and_check(q, k, v, 0.25, False)
+
+
+def test_deterministic_backward():
+    q, k, v, scale = make_inputs("random", 1, 4, 2, 130, 16, 16, torch.bfloat16, seed=9)
+    grads = []
+    for _ in range(2):
+        o, rem = stick_breaking_attention_triton(q, k, v, scale, False)
+        g = torch.Generator().manual_seed(10)
+        go = torch.randn(o.shape, generator=g).to(o.dtype).to(o.device)
+        q.grad = k.grad = v.grad = None
+        ((o * go).sum() + rem.sum()).backward()
+        grads.append([x.grad.clone() for x in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_nan_in_nan_out():
+    q, k, v, scale = make_inputs("random", 1, 1, 1, 40, 16, 16, torch.float32, seed=11)
+    with torch.no_grad():
+        q[0, 0, 20, 3] = float("nan")
+    o, rem = stick_breaking_attention_triton(q, k, v, scale, False)
+    assert torch.isnan(o[0, 0, 20]).all() and torch.isnan(rem[0, 0, 20])
+    assert torch.isfinite(o[0, 0, :20]).all()
+
+
+def test_gradient_only_through_remainder():
+    # o unused: the custom op's backward receives no dO
+    q, k, v, scale = make_inputs("random", 1, 2, 1, 50, 16, 16, torch.float32, seed=12)
+    _, rem = stick_breaking_attention_triton(q, k, v, scale, True)
+    rem.sum().backward()
+    qd, kd, vd = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
+    attention(qd, kd, vd, scale, True)[1].sum().backward()
+    assert rel_err(q.grad.cpu(), qd.grad) < 3e-5 and rel_err(k.grad.cpu(), kd.grad) < 3e-5
+    assert torch.all(v.grad == 0)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest number of elements of any tensor that an operator returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_T_by_T_allocation():
+    T = 640
+    q, k, v, scale = make_inputs("random", 1, 1, 1, T, 16, 16, torch.bfloat16, seed=13)
+    with _LargestAllocation() as probe:
+        o, rem = stick_breaking_attention_triton(q, k, v, scale, False)
+        ((o.float() ** 2).sum() + rem.sum()).backward()
+    assert probe.largest < T * T // 8, f"largest tensor has {probe.largest} elements (T*T = {T * T})"
+
+
+def test_opcheck():
+    # schema, fake tensors, autograd registration: what torch.compile relies on
+    q, k, v, scale = make_inputs("random", 1, 2, 1, 20, 16, 16, torch.float32, seed=14)
+    torch.library.opcheck(torch.ops.sb_ref.stick_breaking_triton_fwd.default, (q, k, v, scale, False, None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
