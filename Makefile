@@ -24,8 +24,9 @@ STAMP := $(VENV)/.sb-ref-installed
 PYTEST_ARGS ?=
 GRADE_ARGS ?=
 
-# Jupyter, IPython, matplotlib, Triton and PyTorch keep their settings and caches here, inside the
-# repository, instead of in the user's home directory.
+# grade, test, lab, release and bench run with these: Jupyter, IPython, matplotlib, Triton and
+# PyTorch keep their settings and caches in .build/ inside the repository, not in the user's home.
+# `make env` prints them.
 ISOLATION := \
 	JUPYTER_CONFIG_DIR=$(BUILD)/jupyter/config \
 	JUPYTER_DATA_DIR=$(BUILD)/jupyter/data \
@@ -39,7 +40,9 @@ ISOLATION := \
 	TORCHINDUCTOR_CACHE_DIR=$(BUILD)/torchinductor \
 	CUDA_CACHE_PATH=$(BUILD)/cuda \
 	XDG_CACHE_HOME=$(BUILD)/cache
-RUN := $(ISOLATION) $(VPY)
+# ... with .venv/bin first on PATH, as in an activated venv (nbgrader runs its own tools by name).
+ACTIVATED := PATH="$(VENV)/bin:$$PATH" $(ISOLATION)
+RUN := $(ACTIVATED) $(VPY)
 
 .PHONY: help install grade test lab release bench env clean distclean
 
@@ -90,15 +93,18 @@ $(STAMP): $(ROOT)/requirements.lock $(ROOT)/pyproject.toml
 
 grade: $(STAMP)
 	@mkdir -p "$(BUILD)"
-	cd "$(ROOT)" && $(RUN) -m autograder $(GRADE_ARGS)
+	@echo ".venv/bin/python -m autograder $(GRADE_ARGS)"
+	@cd "$(ROOT)" && $(RUN) -m autograder $(GRADE_ARGS)
 
 test: $(STAMP)
 	@mkdir -p "$(BUILD)"
-	cd "$(ROOT)" && $(RUN) -m pytest $(PYTEST_ARGS)
+	@echo ".venv/bin/python -m pytest $(PYTEST_ARGS)"
+	@cd "$(ROOT)" && $(RUN) -m pytest $(PYTEST_ARGS)
 
 lab: $(STAMP)
 	@mkdir -p "$(BUILD)"
-	cd "$(ROOT)" && $(ISOLATION) "$(VENV)/bin/jupyter" lab --ServerApp.root_dir="$(ROOT)/lessons"
+	@echo ".venv/bin/jupyter lab --ServerApp.root_dir=lessons"
+	@cd "$(ROOT)" && $(ACTIVATED) "$(VENV)/bin/jupyter" lab --ServerApp.root_dir="$(ROOT)/lessons"
 
 # lessons/ is generated from solutions/ by nbgrader, one assignment folder per lesson.
 release: $(STAMP)
@@ -118,7 +124,7 @@ release: $(STAMP)
 	  lesson=$$(basename "$$dir"); \
 	  ls "$$dir"*.ipynb >/dev/null 2>&1 || continue; \
 	  echo "nbgrader generate_assignment $$lesson"; \
-	  $(ISOLATION) "$(VENV)/bin/nbgrader" generate_assignment "$$lesson" --force; \
+	  $(ACTIVATED) "$(VENV)/bin/nbgrader" generate_assignment "$$lesson" --force; \
 	done
 
 bench: $(STAMP)
@@ -126,7 +132,8 @@ bench: $(STAMP)
 	  echo "error: benchmarks/bench_attention.py does not exist." >&2; exit 1; \
 	fi
 	@mkdir -p "$(BUILD)"
-	cd "$(ROOT)" && $(RUN) benchmarks/bench_attention.py
+	@echo ".venv/bin/python benchmarks/bench_attention.py"
+	@cd "$(ROOT)" && $(RUN) benchmarks/bench_attention.py
 
 env:
 	@for assignment in $(ISOLATION); do echo "export $$assignment"; done
