@@ -149,7 +149,7 @@ def _fwd_inner(b_o, b_s, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_
 def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
                 s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                 s_ob, s_oh, s_ot, s_od,
-                H: tl.constexpr, GROUP: tl.constexpr, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
+                H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                 VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -246,7 +246,7 @@ def _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd,
 def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUNK, N_CHUNKS,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                    s_dob, s_doh, s_dot, s_dod,
-                   H: tl.constexpr, GROUP: tl.constexpr, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
+                   H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -359,14 +359,14 @@ def _dkdv_inner(b_dk, b_dv, b_k, b_v, Q, DO, REM, DREM, DELTA, TW, TR, s_qt, s_q
 def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N_CHUNKS,
                      s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                      s_dob, s_doh, s_dot, s_dod,
-                     H: tl.constexpr, GROUP: tl.constexpr, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
+                     H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                      VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # chunk 0 has the most query blocks after it: launch chunks in increasing order
     i_c = tl.program_id(0)
     i_bnh = tl.program_id(1)
-    HK: tl.constexpr = H // GROUP
+    HK = H // GROUP
     i_hk = i_bnh % HK
     i_n = (i_bnh // HK) % N_SEQ
     i_b = i_bnh // (HK * N_SEQ)
@@ -424,6 +424,7 @@ CONFIGS = {
     64: {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
     128: {"fwd": (128, 64, 8, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2)},
     256: {"fwd": (64, 32, 4, 1), "dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
+    "float32": {"fwd": (64, 32, 4, 1), "dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
 }
 # 16-bit inputs: carry A (forward, dv) and dz (dq, dk) into the tensor-core products as hi + lo 16-bit parts.
 SPLIT = {"a": True, "dz": True}
@@ -432,9 +433,11 @@ MAX_CHUNKS = 16
 MIN_CHUNK = {"interpret": 64, "gpu": 128}
 
 
-def _config(kernel, block_d, device):
+def _config(kernel, block_d, dtype, device):
     if INTERPRET or device.type != "cuda":
         return CONFIGS["interpret"][kernel]
+    if dtype == torch.float32:
+        return CONFIGS["float32"][kernel]
     return CONFIGS[max(64, block_d)][kernel]
 
 
@@ -464,7 +467,7 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _config("fwd", c["block_d"], q.device)
+    bm, bn, warps, stages = _config("fwd", c["block_d"], q.dtype, q.device)
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     if grid[0] > 0:
         _fwd_kernel[grid](q, k, v, o, rem, c["cu"], float(scale), T, *q.stride(), *k.stride(), *v.stride(),
@@ -503,13 +506,13 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
                   BLOCK_DV=c["block_dv"])
     if c["max_len"] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    bm, bn, warps, stages = _config("dq", c["block_d"], dev)
+    bm, bn, warps, stages = _config("dq", c["block_d"], q.dtype, dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     _bwd_dq_kernel[grid](q, k, v, do, rem, drem, dq, delta, tw, tr, c["cu"], float(scale), T, chunk, n_chunks,
                          *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn,
                          num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = _config("dkdv", c["block_d"], dev)
+    bm, bn, warps, stages = _config("dkdv", c["block_d"], q.dtype, dev)
     assert chunk % bn == 0
     grid = (n_chunks, B * c["n_seq"] * hk)
     _bwd_dkdv_kernel[grid](q, k, v, do, rem, drem, delta, tw, tr, dk, dv, c["cu"], float(scale), T, chunk,

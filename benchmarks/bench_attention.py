@@ -1,0 +1,191 @@
+"""Speed and accuracy of the Triton stick-breaking kernels (sb_ref.kernels) against PyTorch attention.
+
+    python benchmarks/bench_attention.py [--out results.md] [--flex] [--sweep]
+
+Speed: causal, bf16, forward and forward+backward, median of triton.testing.do_bench, against
+scaled_dot_product_attention with the FLASH_ATTENTION backend (the baseline), cuDNN, and FlexAttention (--flex).
+TFLOP/s counts 2*B*H*T^2*D flops for a causal forward and 2.5x that for the backward (fwd+bwd = 3.5x).
+Accuracy: relative Frobenius error against the float64 oracle (tests/reference.py) on the same rounded inputs.
+--sweep times a few tile configurations of each kernel first and keeps the fastest (printed, not saved).
+"""
+import argparse
+import datetime
+import os
+import platform
+import sys
+
+import torch
+import triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from reference import attention as oracle, rel_err  # noqa: E402
+
+import sb_ref.kernels.attention as K  # noqa: E402
+from sb_ref.kernels import stick_breaking_attention_triton  # noqa: E402
+
+SHAPES = [(4, 12, 4096, 128), (4, 12, 8192, 128), (2, 12, 16384, 128), (8, 16, 4096, 64)]
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
+
+
+def inputs(B, H, T, D, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
+
+
+def time_pair(fwd):
+    """(forward ms, forward+backward ms) of fwd() -> tensor, with a fixed output gradient."""
+    out = fwd()
+    go = torch.randn_like(out)
+
+    def fb():
+        fwd().backward(go)
+
+    with torch.no_grad():
+        t_f = ms(fwd)
+    return t_f, ms(fb)
+
+
+def sb_fwd(q, k, v):
+    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False)[0]
+
+
+def sdpa_fwd(q, k, v, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def f():
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return f
+
+
+def flex_fwd(q, k, v):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = q.shape[2]
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device="cuda")
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(q, k, v, block_mask=mask)
+
+
+def sweep():
+    """Times a few (BLOCK_M, BLOCK_N, warps, stages) per kernel at (4, 12, 4096, 128) and keeps the fastest."""
+    q, k, v = inputs(4, 12, 4096, 128)
+    scale = 128 ** -0.5
+    o, rem = K._forward(q, k, v, scale, False, None)
+    do = torch.randn_like(o)
+    drem = torch.zeros_like(rem)
+    cands = {
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2),
+                (64, 32, 4, 3)],
+        "dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
+        "dkdv": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
+    }
+    lines = []
+    for kernel, options in cands.items():
+        best = None
+        for cfg in options:
+            K.CONFIGS[128][kernel] = cfg
+            try:
+                if kernel == "fwd":
+                    t = ms(lambda: K._forward(q, k, v, scale, False, None))
+                else:
+                    t = ms(lambda: K._backward(do, drem, q, k, v, rem, scale, False, None))
+            except Exception as e:  # out of resources for this shape
+                lines.append(f"sweep {kernel} {cfg}: failed ({type(e).__name__})")
+                continue
+            lines.append(f"sweep {kernel} {cfg}: {t:.3f} ms")
+            print(lines[-1], flush=True)
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        K.CONFIGS[128][kernel] = best[1]
+        lines.append(f"sweep {kernel}: best {best[1]}")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def accuracy_rows():
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for regime in ("random", "long", "saturated"):
+            from test_kernels import make_inputs, run_and_check
+
+            q, k, v, scale = make_inputs(regime, 1, 2, 1, 2048, 128, 128, dtype, seed=1)
+            errs = run_and_check(q, k, v, scale, False, label=regime)
+            rows.append((str(dtype).replace("torch.", ""), regime, errs))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None, help="Markdown file to write (default benchmarks/results/<date>.md)")
+    ap.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles once per shape)")
+    ap.add_argument("--sweep", action="store_true", help="tune tile configurations first")
+    ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
+    args = ap.parse_args()
+    from torch.nn.attention import SDPBackend
+
+    sweep_lines = sweep() if args.sweep else []
+    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    rows = []
+    for B, H, T, D in shapes:
+        q, k, v = inputs(B, H, T, D)
+        flops = 2 * B * H * T * T * D
+        res = {}
+        impls = [("sb (triton)", lambda: sb_fwd(q, k, v)),
+                 ("flash", lambda: sdpa_fwd(q, k, v, SDPBackend.FLASH_ATTENTION)),
+                 ("cudnn", lambda: sdpa_fwd(q, k, v, SDPBackend.CUDNN_ATTENTION))]
+        if args.flex:
+            impls.append(("flex", lambda: flex_fwd(q, k, v)))
+        for name, make in impls:
+            try:
+                t_f, t_fb = time_pair(make())
+                res[name] = (t_f, t_fb)
+            except Exception as e:
+                print(f"{name} at {(B, H, T, D)}: unavailable ({type(e).__name__}: {str(e)[:120]})", flush=True)
+            q.grad = k.grad = v.grad = None
+        for name, (t_f, t_fb) in res.items():
+            base = res.get("flash")
+            rf = base[0] / t_f if base else float("nan")
+            rfb = base[1] / t_fb if base else float("nan")
+            rows.append(((B, H, T, D), name, t_f, flops / t_f * 1e-9, t_fb, 3.5 * flops / t_fb * 1e-9, rf, rfb))
+            print(f"{(B, H, T, D)} {name:12s} fwd {t_f:7.3f} ms {rows[-1][3]:6.1f} TF/s ({rf:.2f}x flash)  "
+                  f"fwd+bwd {t_fb:7.3f} ms {rows[-1][5]:6.1f} TF/s ({rfb:.2f}x flash)", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    acc = accuracy_rows()
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [f"# Stick-breaking attention (Triton) vs PyTorch attention", "",
+          f"- device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)",
+          f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
+          f"- date: {now}",
+          f"- tiles: fwd {K.CONFIGS[128]['fwd']}, dq {K.CONFIGS[128]['dq']}, dkdv {K.CONFIGS[128]['dkdv']} (D=128); "
+          f"D=64: {K.CONFIGS[64]}", "",
+          "## Speed (causal, bf16, median of do_bench)", "",
+          "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",
+          "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs flash |",
+          "|---|---|---|---|---|---|---|---|"]
+    for shape, name, t_f, tf_f, t_fb, tf_fb, rf, rfb in rows:
+        md.append(f"| {shape} | {name} | {t_f:.3f} | {tf_f:.1f} | {rf:.2f}x | {t_fb:.3f} | {tf_fb:.1f} | {rfb:.2f}x |")
+    md += ["", "## Accuracy vs the float64 oracle (B=1, Hq=2, Hk=1, T=2048, D=128, attend_current=False)", "",
+           "Relative Frobenius error on the same rounded inputs; loss = (o*dO).sum() + (rem*dRem).sum().", "",
+           "| dtype | regime | o | rem | dq | dk | dv |", "|---|---|---|---|---|---|---|"]
+    for dt, regime, e in acc:
+        md.append(f"| {dt} | {regime} | " + " | ".join(f"{e[n]:.2e}" for n in ("o", "rem", "dq", "dk", "dv")) + " |")
+    if sweep_lines:
+        md += ["", "## Tile sweep at (4, 12, 4096, 128)", "", "```"] + sweep_lines + ["```"]
+    text = "\n".join(md) + "\n"
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_{now[:10]}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
