@@ -1,0 +1,200 @@
+"""Grading one notebook: the learner's cells in a limited kernel, the trusted test cells in the grader.
+
+1. The trusted copy of the lesson is its source in ``solutions/``: its locked cells (tests included) replace
+   whatever the submission has under the same ``grade_id``, so editing a test cell changes nothing; hidden
+   test blocks are cut out unless the instructor asks for them; test cells the learner deleted come back.
+2. Every other code cell runs, in order, in a fresh :class:`~autograder.kernel.LearnerKernel` with time and
+   memory limits. A cell that times out or kills the kernel is recorded; the kernel is restarted and the cells
+   that ran before are replayed, so one bad cell costs only what depends on it.
+3. Each test cell runs in the grader's process, its names resolving to the real checks and, for the learner's
+   functions, to proxies into the kernel (:mod:`autograder.remote`). A cell that raises nothing earns its
+   points (or the number its last expression gives, for partial credit); an ``AssertionError`` fails it, with
+   the check's message; "not attempted" (a ``NotImplementedError`` stub) scores zero without blame.
+"""
+import ast
+import contextlib
+import io
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nbformat
+
+from .kernel import LearnerKernel
+from .remote import LearnerCrash, LearnerTimeout, RemoteNamespace, RemoteSession
+
+HIDDEN = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
+STATUSES = ("passed", "failed", "not attempted", "timed out", "crashed")
+
+
+@dataclass
+class Exercise:
+    """The outcome of one autograded test cell."""
+
+    grade_id: str
+    max_points: float
+    points: float = 0.0
+    status: str = "not attempted"
+    message: str = ""
+
+
+@dataclass
+class NotebookGrade:
+    """The outcome of one notebook: its exercises, totals, and a note if grading it could not run at all."""
+
+    path: str
+    lesson: str
+    exercises: list = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""
+    notes: list = field(default_factory=list)  # cells that timed out or killed the kernel
+
+    @property
+    def points(self):
+        return sum(e.points for e in self.exercises)
+
+    @property
+    def max_points(self):
+        return sum(e.max_points for e in self.exercises)
+
+    def to_dict(self):
+        return {"path": self.path, "lesson": self.lesson, "points": self.points, "max_points": self.max_points,
+                "seconds": round(self.seconds, 2), "error": self.error, "notes": list(self.notes),
+                "exercises": [asdict(e) for e in self.exercises]}
+
+
+def _nbgrader(cell):
+    return cell.get("metadata", {}).get("nbgrader", {})
+
+
+def is_test_cell(cell):
+    meta = _nbgrader(cell)
+    return cell.cell_type == "code" and meta.get("grade", False) and not meta.get("solution", False)
+
+
+def trusted_cells(source_nb, with_hidden):
+    """grade_id -> trusted cell for every locked or graded cell of the source notebook."""
+    cells = {}
+    for cell in source_nb.cells:
+        meta = _nbgrader(cell)
+        if meta.get("grade_id") and (meta.get("locked") or is_test_cell(cell)) and not meta.get("solution"):
+            cell = nbformat.from_dict(dict(cell))
+            if not with_hidden:
+                cell.source = HIDDEN.sub("", cell.source)
+            cells[meta["grade_id"]] = cell
+    return cells
+
+
+def cells_to_run(submission_nb, source_nb, with_hidden):
+    """The code cells to execute, in the submission's order, with trusted cells put back."""
+    trusted = trusted_cells(source_nb, with_hidden)
+    seen, cells = set(), []
+    for cell in submission_nb.cells:
+        grade_id = _nbgrader(cell).get("grade_id")
+        if grade_id in trusted:
+            if grade_id in seen:
+                continue  # a duplicated locked cell is run once
+            seen.add(grade_id)
+            cell = trusted[grade_id]
+        if cell.cell_type == "code":
+            cells.append(cell)
+    cells += [c for gid, c in trusted.items() if gid not in seen and is_test_cell(c)]
+    return cells
+
+
+def _run_trusted(source, namespace, trusted_globals):
+    """Execute a test cell in the grader; returns the value of its last expression (or None)."""
+    tree = ast.parse(source)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, "<test cell>", "exec"), trusted_globals, namespace)
+    if last is not None:
+        return eval(compile(ast.Expression(last.value), "<test cell>", "eval"), trusted_globals, namespace)
+    return None
+
+
+def _score_test(cell, session, trusted_globals):
+    meta = _nbgrader(cell)
+    exercise = Exercise(meta["grade_id"], float(meta.get("points", 0)))
+    namespace = RemoteNamespace(session, trusted_globals)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = _run_trusted(cell.source, namespace, trusted_globals)
+    except NotImplementedError as exc:
+        exercise.status, exercise.message = "not attempted", str(exc) or "not attempted yet"
+    except AssertionError as exc:
+        message = str(exc) or "a check failed"
+        exercise.status = "not attempted" if "not attempted" in message.lower() else "failed"
+        exercise.message = message
+    except LearnerTimeout as exc:
+        exercise.status, exercise.message = "timed out", str(exc)
+    except LearnerCrash as exc:
+        exercise.status, exercise.message = "crashed", str(exc)
+    except Exception as exc:  # the check could not run: the learner's function misbehaved
+        exercise.status, exercise.message = "failed", f"{type(exc).__name__}: {exc}"
+    else:
+        exercise.status = "passed"
+        exercise.points = exercise.max_points
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # partial credit
+            exercise.points = min(max(float(value), 0.0), exercise.max_points)
+            if exercise.points < exercise.max_points:
+                exercise.status, exercise.message = "failed", f"partial credit: {exercise.points:g}"
+    return exercise
+
+
+def trusted_globals():
+    """The namespace test cells run in: the learners' checks and the usual modules, nothing of the learner."""
+    import numpy as np
+    import torch
+
+    import sb_ref
+    import sb_ref.testing
+
+    names = {"__name__": "__autograder__", "np": np, "numpy": np, "torch": torch, "sb_ref": sb_ref}
+    names.update({k: getattr(sb_ref.testing, k) for k in dir(sb_ref.testing) if not k.startswith("_")})
+    return names
+
+
+def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, call_timeout=120.0,
+                   memory_mb=8192, rss_limit_mb=0, lesson=None):
+    """Grade the notebook at ``path`` against the trusted source at ``source_path``."""
+    start = time.monotonic()
+    grade = NotebookGrade(str(path), lesson or Path(path).stem)
+    submission, source = nbformat.read(path, as_version=4), nbformat.read(source_path, as_version=4)
+    cells = cells_to_run(submission, source, with_hidden)
+    grade.exercises = [Exercise(_nbgrader(c)["grade_id"], float(_nbgrader(c).get("points", 0)))
+                       for c in cells if is_test_cell(c)]
+    env = {"MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    names = trusted_globals()
+    with LearnerKernel(Path(path).resolve().parent, memory_mb=memory_mb, rss_limit_mb=rss_limit_mb,
+                       env=env) as kernel:
+        session = RemoteSession(kernel, call_timeout)
+        session.bootstrap()
+        replay, results = [], {}
+        for cell in cells:
+            if is_test_cell(cell):
+                exercise = results[_nbgrader(cell)["grade_id"]] = _score_test(cell, session, names)
+                if exercise.status in ("timed out", "crashed"):  # the kernel is fresh: bring its state back
+                    session.bootstrap()
+                    _replay(kernel, replay, cell_timeout)
+                elif exercise.status == "failed" and "NameError" in exercise.message and grade.notes:
+                    exercise.message += f" (earlier: {grade.notes[-1]})"
+                continue
+            outcome = kernel.run(cell.source, timeout=cell_timeout)
+            if outcome.status in ("timeout", "died"):
+                first_line = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
+                grade.notes.append(f"the cell starting {first_line[:40]!r} {outcome.message}")
+                session.bootstrap()
+                _replay(kernel, replay, cell_timeout)
+            else:
+                replay.append(cell.source)
+        grade.exercises = [results.get(e.grade_id, e) for e in grade.exercises]
+    grade.seconds = time.monotonic() - start
+    return grade
+
+
+def _replay(kernel, sources, timeout):
+    for source in sources:
+        kernel.run(source, timeout=timeout)
