@@ -1,0 +1,128 @@
+"""The grader against adversarial submissions: every trick gets a bounded, correct score and grading goes on.
+
+The lesson here is synthetic (one function, two test cells, one hidden block) so that each case is quick.
+"""
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from autograder.grading import grade_notebook
+
+SOLUTION = "    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION"
+TEST_VISIBLE = "assert torch.equal(double(torch.ones(3)), 2 * torch.ones(3)), 'double(x) must be 2 * x'"
+TEST_HIDDEN = "### BEGIN HIDDEN TESTS\nassert double(torch.tensor(-5.0)) == -10, 'hidden: negative input'\n" \
+              "### END HIDDEN TESTS"
+TEST_GRAD = "x = torch.ones(2, requires_grad=True)\ndouble(x).sum().backward()\n" \
+            "assert torch.equal(x.grad, 2 * torch.ones(2)), 'gradient of double must be 2'"
+
+
+def _cell(source, grade_id, **meta):
+    cell = new_code_cell(source)
+    cell.metadata["nbgrader"] = {"grade_id": grade_id, "schema_version": 3, "solution": False, "grade": False,
+                                 "locked": False, **meta}
+    return cell
+
+
+def lesson(body, before=(), after=()):
+    nb = new_notebook()
+    nb.cells = [new_markdown_cell("# Doubling"),
+                _cell("import torch", "imports", locked=True),
+                *before,
+                _cell("def double(x):\n" + body, "double", solution=True),
+                _cell(TEST_VISIBLE + "\n" + TEST_HIDDEN, "test_double", grade=True, locked=True, points=2),
+                _cell(TEST_GRAD, "test_double_grad", grade=True, locked=True, points=1),
+                *after]
+    return nb
+
+
+@pytest.fixture
+def grade(tmp_path):
+    source = tmp_path / "source.ipynb"
+    nbformat.write(lesson(SOLUTION), source)
+
+    def run(nb, with_hidden=True, **limits):
+        path = tmp_path / "submission.ipynb"
+        nbformat.write(nb, path)
+        kw = {"cell_timeout": 8, "call_timeout": 8, "memory_mb": 4096, **limits}
+        result = grade_notebook(path, source, with_hidden=with_hidden, **kw)
+        return result, {e.grade_id: (e.points, e.status, e.message) for e in result.exercises}
+
+    return run
+
+
+def test_the_solution_scores_full_marks(grade):
+    result, ex = grade(lesson(SOLUTION))
+    assert (result.points, result.max_points) == (3, 3)
+    assert {s for _, s, _ in ex.values()} == {"passed"}
+
+
+def test_a_stub_is_not_attempted(grade):
+    _, ex = grade(lesson("    raise NotImplementedError('write double')"))
+    assert ex["test_double"][:2] == (0, "not attempted") and ex["test_double_grad"][:2] == (0, "not attempted")
+
+
+def test_a_wrong_answer_fails_with_the_checks_message(grade):
+    _, ex = grade(lesson("    return x + x.detach()"))  # right values, wrong gradient
+    assert ex["test_double"][:2] == (2, "passed")
+    assert ex["test_double_grad"] == (0, "failed", "gradient of double must be 2")
+
+
+def test_hidden_tests_run_only_for_the_instructor(grade):
+    nb = lesson("    return 2 * x.abs()")  # wrong only for negative inputs
+    assert grade(nb, with_hidden=False)[1]["test_double"][:2] == (2, "passed")
+    assert grade(nb, with_hidden=True)[1]["test_double"] == (0, "failed", "hidden: negative input")
+
+
+def test_editing_or_deleting_a_locked_test_cell_changes_nothing(grade):
+    nb = lesson("    return 3 * x")
+    nb.cells[3].source = "pass"  # the visible test, emptied
+    del nb.cells[4]  # the gradient test, deleted
+    result, ex = grade(nb)
+    assert result.max_points == 3 and result.points == 0
+    assert ex["test_double"][1] == "failed" and ex["test_double_grad"][1] == "failed"
+
+
+def test_monkeypatching_checks_or_builtins_in_the_notebook_changes_nothing(grade):
+    sneaky = _cell("import builtins, torch\nbuiltins.AssertionError = Exception\n"
+                   "torch.equal = lambda a, b: True", "sneaky", solution=True)
+    _, ex = grade(lesson("    return 3 * x", after=[sneaky]))
+    assert ex["test_double"][:2] == (0, "failed")
+
+
+def test_sys_exit_in_a_cell_is_just_an_error(grade):
+    exits = _cell("import sys\nsys.exit(0)", "exits", solution=True)
+    result, _ = grade(lesson(SOLUTION, before=[exits]))
+    assert result.points == 3
+
+
+def test_os_exit_during_a_check_crashes_only_that_exercise(grade):
+    body = "    import os\n    if x.requires_grad:\n        os._exit(1)\n    return 2 * x"
+    _, ex = grade(lesson(body))
+    assert ex["test_double"][:2] == (2, "passed")
+    assert ex["test_double_grad"][:2] == (0, "crashed")
+
+
+def test_os_exit_while_defining_takes_the_definition_with_it(grade):
+    body = SOLUTION + "\nimport os\nos._exit(0)"
+    result, ex = grade(lesson(body))
+    assert result.points == 0
+    assert "died" in ex["test_double"][2] and result.notes
+
+
+def test_an_endless_loop_times_out_and_grading_goes_on(grade):
+    body = "    if x.dim() == 0:\n        while True:\n            pass\n    return 2 * x"
+    result, ex = grade(lesson(body), call_timeout=3)
+    assert ex["test_double"][:2] == (0, "timed out")  # the hidden check's call never returns
+    assert ex["test_double_grad"][:2] == (1, "passed")  # the kernel was restarted and the definition replayed
+
+
+def test_unbounded_allocation_fails_inside_the_learners_code(grade):
+    body = "    hog = torch.empty(1 << 34)\n    return 2 * x"  # 64 GiB
+    result, ex = grade(lesson(body))
+    assert result.points == 0 and "RuntimeError" in ex["test_double"][2]
+
+
+def test_a_crashing_native_call_is_contained(grade):
+    body = "    import ctypes\n    ctypes.string_at(0)\n    return 2 * x"  # a segmentation fault
+    result, ex = grade(lesson(body))
+    assert result.points == 0 and {s for _, s, _ in ex.values()} == {"crashed"}
