@@ -5,10 +5,11 @@ regions), ``lessons/`` its release (what learners open). Regenerate the release 
 submissions into ``submitted/<student>/<lesson>/``, then ``nbgrader autograde <lesson>`` and
 ``nbgrader generate_feedback <lesson>``.
 
-Two preprocessors are defined here:
+Three preprocessors are defined here:
 
 - ``NamedStubs`` replaces each solution region with ``raise NotImplementedError("<task>: ...")`` naming the function
   (or method) the learner has to write, instead of nbgrader's anonymous stub;
+- ``CleanRelease`` strips outputs, execution counts and per-machine metadata from the release;
 - ``HideHiddenTestsInFeedback`` removes the hidden-test regions from the feedback, and cuts the tracebacks of those
   cells down to the error message (a traceback would quote the hidden line that failed). The checks' messages say
   what failed (regime, shape, worst error, hint) without quoting the test code.
@@ -17,7 +18,7 @@ import os
 import re
 
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import (CheckCellMetadata, ClearHiddenTests, ClearMarkScheme, ClearOutput, ClearSolutions,
+from nbgrader.preprocessors import (CheckCellMetadata, NbGraderPreprocessor, ClearHiddenTests, ClearMarkScheme, ClearOutput, ClearSolutions,
                                     ComputeChecksums, GetGrades, IncludeHeaderFooter, InstantiateTests, LockCells,
                                     SaveCells)
 
@@ -60,16 +61,35 @@ class HideHiddenTestsInFeedback(ClearHiddenTests):
         return cell, resources
 
 
+class CleanRelease(NbGraderPreprocessor):
+    """Last step of the release: no outputs, no execution counts, no per-machine metadata, so that the generated
+    lessons are the same on every machine and their diffs stay readable."""
+
+    keep_cell_metadata = ("nbgrader", "deletable", "editable", "tags")
+
+    def preprocess(self, nb, resources):
+        nb.metadata = {key: nb.metadata[key] for key in ("kernelspec", "language_info") if key in nb.metadata}
+        if "language_info" in nb.metadata:
+            nb.metadata["language_info"] = {"name": nb.metadata["language_info"].get("name", "python")}
+        return super().preprocess(nb, resources)
+
+    def preprocess_cell(self, cell, resources, cell_index):
+        cell.metadata = {key: cell.metadata[key] for key in self.keep_cell_metadata if key in cell.metadata}
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+        return cell, resources
+
+
 c.CourseDirectory.course_id = "stick-breaking-attention"
 c.CourseDirectory.root = os.path.dirname(os.path.abspath(__file__))
 c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "lessons"
 
-# Release: stubs that name the task; everything else as nbgrader does it.
-# (nbgrader 0.9's list, with NamedStubs in place of ClearSolutions)
+# Release: nbgrader 0.9's list of steps, with NamedStubs in place of ClearSolutions and CleanRelease at the end.
 c.GenerateAssignment.preprocessors = [
     IncludeHeaderFooter, InstantiateTests, LockCells, NamedStubs, ClearOutput, CheckCellMetadata, ComputeChecksums,
-    SaveCells, ClearHiddenTests, ClearMarkScheme, ComputeChecksums, CheckCellMetadata,
+    SaveCells, ClearHiddenTests, ClearMarkScheme, ComputeChecksums, CheckCellMetadata, CleanRelease,
 ]
 c.ClearSolutions.code_stub = {"python": '# YOUR CODE HERE\nraise NotImplementedError("not written yet")'}
 
