@@ -20,9 +20,10 @@ BUILD := $(ROOT)/.build
 # Written last by a successful install; lives inside .venv so that deleting .venv redoes everything.
 STAMP := $(VENV)/.sb-ref-installed
 
-# Extra arguments for pytest and the grader, e.g. make test PYTEST_ARGS="-m gpu"
+# Extra arguments for pytest, the grader and the benchmark, e.g. make test PYTEST_ARGS="-m gpu"
 PYTEST_ARGS ?=
 GRADE_ARGS ?=
+BENCH_ARGS ?=
 
 # grade, test, lab, release and bench run with these: Jupyter, IPython, matplotlib, Triton and
 # PyTorch keep their settings and caches in .build/ inside the repository, not in the user's home.
@@ -59,7 +60,7 @@ help:
 	@echo "  make clean      remove build outputs and caches (keeps .venv)"
 	@echo "  make distclean  clean, and remove .venv too"
 	@echo
-	@echo "  Pass extra arguments with PYTEST_ARGS=\"...\" (make test) or GRADE_ARGS=\"...\" (make grade)."
+	@echo "  Extra arguments: PYTEST_ARGS=\"...\" (make test), GRADE_ARGS=\"...\" (make grade), BENCH_ARGS=\"...\" (make bench)."
 
 install: $(STAMP)
 
@@ -131,9 +132,12 @@ bench: $(STAMP)
 	@if [ ! -f "$(ROOT)/benchmarks/bench_attention.py" ]; then \
 	  echo "error: benchmarks/bench_attention.py does not exist." >&2; exit 1; \
 	fi
+	@if ! "$(VPY)" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+	  echo "error: make bench needs a CUDA GPU, and PyTorch sees none here." >&2; exit 1; \
+	fi
 	@mkdir -p "$(BUILD)"
-	@echo ".venv/bin/python benchmarks/bench_attention.py"
-	@cd "$(ROOT)" && $(RUN) benchmarks/bench_attention.py
+	@echo ".venv/bin/python benchmarks/bench_attention.py $(BENCH_ARGS)"
+	@cd "$(ROOT)" && $(RUN) benchmarks/bench_attention.py $(BENCH_ARGS)
 
 env:
 	@for assignment in $(ISOLATION); do echo "export $$assignment"; done
