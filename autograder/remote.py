@@ -30,22 +30,21 @@ class LearnerError(Exception):
 
 
 class RemoteFunction:
-    """Calls ``name`` in the learner's kernel. Raises what the learner's code raised (NotImplementedError as
-    itself, anything else as :class:`LearnerError`), or :class:`LearnerTimeout` / :class:`LearnerCrash`."""
+    """Calls a function (or callable object) of the learner's kernel: ``target`` is its name there, or
+    ``[handle, attribute]`` of an object kept there. Raises what the learner's code raised (see
+    :meth:`RemoteSession.call`), or :class:`LearnerTimeout` / :class:`LearnerCrash`."""
 
-    _ids = itertools.count()
-
-    def __init__(self, session, name):
-        self.session, self.name = session, name
+    def __init__(self, session, target, name):
+        self.session, self.target, self.name = session, target, name
         self.__name__ = self.__qualname__ = name
 
     def __repr__(self):
         return f"<learner function {self.name}>"
 
     def __call__(self, *args, **kwargs):
-        call_id = next(self._ids)
+        call_id = self.session.new_id()
         grad_inputs = [t for t in wire.tensors_in((args, kwargs)) if t.requires_grad]
-        result = self.session.call(f"serve_call(globals(), {self.name!r}, {{request}}, {{response}}, {call_id})",
+        result = self.session.call(f"serve_call(globals(), {self.target!r}, {{request}}, {{response}}, {call_id})",
                                    {"args": args, "kwargs": kwargs}, self.name)
         outputs = [t for t in wire.tensors_in(result) if t.requires_grad]
         if not (grad_inputs and outputs and torch.is_grad_enabled()):
@@ -55,6 +54,21 @@ class RemoteFunction:
                                         *[o.detach() for o in outputs]))
         return wire.replace_tensors(result, iter([next(linked) if t.requires_grad else t
                                                   for t in wire.tensors_in(result)]))
+
+
+class RemoteObject(RemoteFunction):
+    """An object that lives in the learner's kernel (a module instance, say): attributes are fetched from there,
+    methods and calls run there, and passing it back as an argument passes the object itself."""
+
+    def __init__(self, session, handle, type_name):
+        super().__init__(session, [handle, None], f"<{type_name} object>")
+        self.remote_handle = handle
+
+    def __getattr__(self, attribute):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return self.session.call(f"serve_getattr({self.remote_handle}, {attribute!r}, {{response}}, "
+                                 f"{self.session.new_id()})", None, f"{self.name}.{attribute}")
 
 
 class _RemoteGrad(torch.autograd.Function):
@@ -78,12 +92,16 @@ class _RemoteGrad(torch.autograd.Function):
 class RemoteSession:
     """Function calls into one :class:`~autograder.kernel.LearnerKernel`, through files in a private folder."""
 
-    BOOTSTRAP = "from autograder.wire import serve_call, serve_backward"
+    BOOTSTRAP = "from autograder.wire import serve_backward, serve_call, serve_getattr"
 
     def __init__(self, kernel, call_timeout):
         self.kernel, self.call_timeout = kernel, call_timeout
         self._dir = tempfile.TemporaryDirectory(prefix="autograder-calls-")
         self._n = itertools.count()
+        self._ids = itertools.count()
+
+    def new_id(self):
+        return next(self._ids)
 
     def bootstrap(self):
         """Run after every (re)start of the kernel."""
@@ -106,15 +124,40 @@ class RemoteSession:
             raise LearnerError(f"{name} could not be called: {outcome.message or 'no answer from the kernel'}")
         answer = wire.load(response)
         if "error" in answer:
-            ename, evalue, _ = answer["error"]
-            if ename == "NotImplementedError":
-                raise NotImplementedError(evalue)
-            raise LearnerError(f"{name} raised {ename}: {evalue}")
-        return answer["result"]
+            raise _learner_exception(name, *answer["error"])
+        return self._objects_in(answer["result"])
+
+    def _objects_in(self, value):
+        """Handles in a result become :class:`RemoteObject` (or, for methods, :class:`RemoteFunction`)."""
+        if isinstance(value, dict) and "__remote__" in value:
+            obj = RemoteObject(self, value["__remote__"], value["type"])
+            return obj
+        if isinstance(value, (list, tuple)):
+            items = [self._objects_in(v) for v in value]
+            return items if isinstance(value, list) else tuple(items)
+        if isinstance(value, dict):
+            return {k: self._objects_in(v) for k, v in value.items()}
+        return value
 
     def has_name(self, name):
         outcome = self.kernel.run(f"assert {name!r} in globals()", timeout=30)
         return outcome.status == "ok"
+
+
+# Exceptions of these kinds are raised again as themselves, so that checks can tell them apart; anything else
+# the learner's code raises arrives as a LearnerError that names it.
+_REBUILT = {f"builtins.{name}": getattr(builtins, name) for name in
+            ("NotImplementedError", "ValueError", "TypeError", "IndexError", "KeyError", "RuntimeError",
+             "ZeroDivisionError", "AttributeError", "NameError", "AssertionError")}
+
+
+def _learner_exception(name, ename, qualified, evalue):
+    if qualified == "torch.autograd.gradcheck.GradcheckError":
+        from torch.autograd.gradcheck import GradcheckError
+        return GradcheckError(evalue)
+    if qualified in _REBUILT:
+        return _REBUILT[qualified](evalue)
+    return LearnerError(f"{name} raised {ename}: {evalue}")
 
 
 class RemoteNamespace(dict):
@@ -130,5 +173,5 @@ class RemoteNamespace(dict):
         if (name in self.trusted or hasattr(builtins, name) or name.startswith("__")
                 or not self.session.has_name(name)):
             raise KeyError(name)
-        self[name] = RemoteFunction(self.session, name)
+        self[name] = RemoteFunction(self.session, name, name)
         return self[name]

@@ -7,12 +7,24 @@ they left from.
 
 The kernel side (:func:`serve_call`, :func:`serve_backward`) runs inside the learner's kernel.
 """
+import importlib
 import traceback
 
 import numpy as np
 import torch
 
 _NUMPY, _NUMPY_SCALAR, _DEVICE = "__numpy__", "__numpy_scalar__", "__device__"
+_REMOTE, _FUNCTION = "__remote__", "__function__"
+
+
+def _importable(fn):
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "<" in name or module == "__main__":
+        return False
+    target = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part, None)
+    return target is fn
 
 
 def encode(value):
@@ -32,6 +44,10 @@ def encode(value):
         return {"__dict__": [(encode(k), encode(v)) for k, v in value.items()]}
     if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype)):
         return value
+    if getattr(value, "remote_handle", None) is not None:  # a learner's object, sent back where it lives
+        return {_REMOTE: value.remote_handle}
+    if callable(value) and _importable(value):  # a function of an installed module travels by its name
+        return {_FUNCTION: [value.__module__, value.__qualname__]}
     raise TypeError(f"cannot pass a {type(value).__name__} between the grader and the notebook: use tensors, "
                     "numpy arrays, numbers, strings, or lists/tuples/dicts of them")
 
@@ -51,6 +67,14 @@ def decode(value, keep_device=True):
             return torch.device(value[_DEVICE])
         if "__dict__" in value:
             return {decode(k): decode(v) for k, v in value["__dict__"]}
+        if _FUNCTION in value:
+            module, name = value[_FUNCTION]
+            target = importlib.import_module(module)
+            for part in name.split("."):
+                target = getattr(target, part)
+            return target
+        if _REMOTE in value and value[_REMOTE] in _objects:  # kernel side: the object itself
+            return _objects[value[_REMOTE]]
     if isinstance(value, list):
         return [decode(v) for v in value]
     if isinstance(value, tuple):
@@ -90,30 +114,61 @@ def replace_tensors(value, new):
 
 
 _graphs = {}  # call id -> (inputs that need gradients, differentiable outputs), kept for the backward
+_objects = {}  # handle -> an object of the learner's that cannot travel (a module, a generator, ...)
 
 
 def _error(exc):
-    return {"error": [type(exc).__name__, str(exc), "".join(traceback.format_exception(exc)[-3:])]}
+    kind = type(exc)
+    return {"error": [kind.__name__, f"{kind.__module__}.{kind.__qualname__}", str(exc)]}
 
 
-def serve_call(namespace, name, request_path, response_path, call_id):
-    """Kernel side: call ``namespace[name](*args, **kwargs)`` from the request file, write the response."""
+def _respond(result, response_path, call_id):
+    """Write ``result``; what cannot travel stays here and goes back as a handle."""
+    try:
+        save({"result": result}, response_path)
+    except TypeError:
+        _objects[call_id] = result
+        save({"result": {_REMOTE: call_id, "type": type(result).__name__,
+                         "callable": callable(result)}}, response_path)
+
+
+def _target(namespace, target):
+    """A name in the notebook, or ``[handle, attribute or None]`` of an object kept here."""
+    if isinstance(target, str):
+        return namespace[target]
+    handle, attribute = target
+    obj = _objects[handle]
+    return obj if attribute is None else getattr(obj, attribute)
+
+
+def serve_call(namespace, target, request_path, response_path, call_id):
+    """Kernel side: call the target with the arguments of the request file, write the response."""
     try:
         request = load(request_path)
         args, kwargs = request["args"], request["kwargs"]
         inputs = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
-        with torch.enable_grad() if inputs else torch.no_grad():
-            result = namespace[name](*args, **kwargs)
+        result = _target(namespace, target)(*args, **kwargs)
         if inputs:
             outputs = [t for t in tensors_in(result) if t.requires_grad]
             _graphs[call_id] = (inputs, outputs)
-        response = {"result": result}
     except BaseException as exc:  # the learner's code may raise anything, SystemExit included
-        response = _error(exc)
-    try:
-        save(response, response_path)
-    except TypeError as exc:
         save(_error(exc), response_path)
+        return
+    _respond(result, response_path, call_id)
+
+
+def serve_getattr(handle, attribute, response_path, call_id):
+    """Kernel side: an attribute of a kept object; methods come back as handles to call."""
+    try:
+        value = getattr(_objects[handle], attribute)
+    except BaseException as exc:
+        save(_error(exc), response_path)
+        return
+    if callable(value) and not isinstance(value, torch.Tensor):
+        _objects[call_id] = value
+        save({"result": {_REMOTE: call_id, "type": type(value).__name__, "callable": True}}, response_path)
+    else:
+        _respond(value, response_path, call_id)
 
 
 def serve_backward(request_path, response_path, call_id):
