@@ -24,6 +24,7 @@ STAMP := $(VENV)/.sb-ref-installed
 PYTEST_ARGS ?=
 GRADE_ARGS ?=
 BENCH_ARGS ?=
+LAB_ARGS ?=
 
 # grade, test, lab, release and bench run with these: Jupyter, IPython, matplotlib, Triton and
 # PyTorch keep their settings and caches in .build/ inside the repository, not in the user's home.
@@ -60,7 +61,8 @@ help:
 	@echo "  make clean      remove build outputs and caches (keeps .venv)"
 	@echo "  make distclean  clean, and remove .venv too"
 	@echo
-	@echo "  Extra arguments: PYTEST_ARGS=\"...\" (make test), GRADE_ARGS=\"...\" (make grade), BENCH_ARGS=\"...\" (make bench)."
+	@echo "  Extra arguments: PYTEST_ARGS=\"...\" (make test), GRADE_ARGS=\"...\" (make grade), BENCH_ARGS=\"...\" (make bench),"
+	@echo "  LAB_ARGS=\"...\" (make lab, e.g. --no-browser)."
 
 install: $(STAMP)
 
@@ -104,8 +106,8 @@ test: $(STAMP)
 
 lab: $(STAMP)
 	@mkdir -p "$(BUILD)"
-	@echo ".venv/bin/jupyter lab --ServerApp.root_dir=lessons"
-	@cd "$(ROOT)" && $(ACTIVATED) "$(VENV)/bin/jupyter" lab --ServerApp.root_dir="$(ROOT)/lessons"
+	@echo ".venv/bin/jupyter lab --ServerApp.root_dir=lessons $(LAB_ARGS)"
+	@cd "$(ROOT)" && $(ACTIVATED) "$(VENV)/bin/jupyter" lab --ServerApp.root_dir="$(ROOT)/lessons" $(LAB_ARGS)
 
 # lessons/ is generated from solutions/ by nbgrader, one assignment folder per lesson.
 release: $(STAMP)
