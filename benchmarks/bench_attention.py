@@ -71,39 +71,59 @@ def flex_fwd(q, k, v):
     return lambda: compiled(q, k, v, block_mask=mask)
 
 
-def sweep():
-    """Times a few (BLOCK_M, BLOCK_N, warps, stages) per kernel at (4, 12, 4096, 128) and keeps the fastest."""
-    q, k, v = inputs(4, 12, 4096, 128)
-    scale = 128 ** -0.5
+CANDIDATES = {
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl): see kernels/attention.py
+    128: {
+        "fwd": [(64, 32, 4, 3, 2, 3), (64, 32, 4, 3, 0, 0), (64, 64, 4, 2, 2, 3), (128, 64, 8, 2, 2, 3),
+                (128, 32, 8, 2, 2, 3), (64, 32, 8, 2, 2, 3), (64, 16, 4, 3, 2, 3), (128, 32, 8, 3, 2, 3)],
+        "dq": [(64, 32, 4, 2, 2, 3), (64, 32, 4, 2, 0, 0), (64, 32, 4, 2, 2, 0), (32, 32, 4, 2, 2, 3),
+               (64, 16, 4, 2, 2, 3), (128, 32, 8, 2, 2, 3), (64, 32, 8, 2, 2, 3)],
+        "dkdv": [(32, 128, 8, 2, 2, 3), (32, 128, 8, 2, 0, 0), (32, 64, 4, 2, 2, 3), (64, 32, 4, 2, 2, 3),
+                 (32, 32, 4, 2, 2, 3), (64, 64, 8, 2, 2, 3), (16, 128, 8, 2, 2, 3), (32, 64, 8, 2, 2, 3)],
+    },
+    64: {
+        "fwd": [(64, 32, 4, 3, 2, 3), (128, 64, 8, 2, 2, 3), (64, 64, 4, 3, 2, 3), (128, 32, 8, 3, 2, 3)],
+        "dq": [(64, 32, 4, 2, 2, 3), (64, 64, 4, 2, 2, 3), (128, 32, 8, 2, 2, 3)],
+        "dkdv": [(32, 64, 4, 2, 2, 3), (32, 128, 8, 2, 2, 3), (64, 64, 8, 2, 2, 3), (64, 32, 4, 2, 2, 3)],
+    },
+}
+
+
+def sweep(D):
+    """Times the candidate tiles of each kernel at (4, 12, 4096, D) and keeps the fastest in K.CONFIGS."""
+    B, H, T = (4, 12, 4096) if D == 128 else (8, 16, 4096)
+    q, k, v = inputs(B, H, T, D)
+    scale = D ** -0.5
     o, rem = K._forward(q, k, v, scale, False, None)
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
-    cands = {
-        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2),
-                (64, 32, 4, 3)],
-        "dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
-        "dkdv": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
-    }
     lines = []
-    for kernel, options in cands.items():
+    for kernel, options in CANDIDATES[D].items():
         best = None
         for cfg in options:
-            K.CONFIGS[128][kernel] = cfg
+            K.CONFIGS[D][kernel] = cfg
             try:
                 if kernel == "fwd":
                     t = ms(lambda: K._forward(q, k, v, scale, False, None))
                 else:
                     t = ms(lambda: K._backward(do, drem, q, k, v, rem, scale, False, None))
             except Exception as e:  # out of resources for this shape
-                lines.append(f"sweep {kernel} {cfg}: failed ({type(e).__name__})")
+                lines.append(f"D={D} {kernel} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+                print(lines[-1], flush=True)
                 continue
-            lines.append(f"sweep {kernel} {cfg}: {t:.3f} ms")
+            lines.append(f"D={D} {kernel} {cfg}: {t:.3f} ms" + ("" if kernel == "fwd" else " (whole backward)"))
             print(lines[-1], flush=True)
             if best is None or t < best[0]:
                 best = (t, cfg)
-        K.CONFIGS[128][kernel] = best[1]
-        lines.append(f"sweep {kernel}: best {best[1]}")
+        K.CONFIGS[D][kernel] = best[1]
+        lines.append(f"D={D} {kernel}: best {best[1]}")
         print(lines[-1], flush=True)
+    # what the hi/lo split of dz costs
+    K.SPLIT["dz"] = False
+    t = ms(lambda: K._backward(do, drem, q, k, v, rem, scale, False, None))
+    K.SPLIT["dz"] = True
+    lines.append(f"D={D} backward without the dz split: {t:.3f} ms")
+    print(lines[-1], flush=True)
     return lines
 
 
@@ -129,7 +149,7 @@ def main():
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend
 
-    sweep_lines = sweep() if args.sweep else []
+    sweep_lines = (sweep(128) + sweep(64)) if args.sweep else []
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     rows = []
     for B, H, T, D in shapes:
@@ -165,7 +185,8 @@ def main():
           f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
           f"- date: {now}",
           f"- tiles: fwd {K.CONFIGS[128]['fwd']}, dq {K.CONFIGS[128]['dq']}, dkdv {K.CONFIGS[128]['dkdv']} (D=128); "
-          f"D=64: {K.CONFIGS[64]}", "",
+          f"D=64: fwd {K.CONFIGS[64]['fwd']}, dq {K.CONFIGS[64]['dq']}, dkdv {K.CONFIGS[64]['dkdv']}",
+          "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl)", "",
           "## Speed (causal, bf16, median of do_bench)", "",
           "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",
           "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs flash |",
@@ -178,7 +199,7 @@ def main():
     for dt, regime, e in acc:
         md.append(f"| {dt} | {regime} | " + " | ".join(f"{e[n]:.2e}" for n in ("o", "rem", "dq", "dk", "dv")) + " |")
     if sweep_lines:
-        md += ["", "## Tile sweep at (4, 12, 4096, 128)", "", "```"] + sweep_lines + ["```"]
+        md += ["", "## Tile sweep at (4, 12, 4096, 128) and (8, 16, 4096, 64)", "", "```"] + sweep_lines + ["```"]
     text = "\n".join(md) + "\n"
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_{now[:10]}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -86,6 +86,62 @@ def _dot_split(a, b, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.c
 
 
 @triton.jit
+def _tri(BLOCK: tl.constexpr, AXIS: tl.constexpr, INCLUSIVE: tl.constexpr, DTYPE: tl.constexpr,
+         UPCAST: tl.constexpr):
+    """The 0/1 matrix that turns a product into a reverse cumsum over keys: x @ U along axis 1, U @ x along 0."""
+    o_r = tl.arange(0, BLOCK)[:, None]
+    o_c = tl.arange(0, BLOCK)[None, :]
+    if AXIS == 1:
+        m = (o_r >= o_c) if INCLUSIVE else (o_r > o_c)  # U[k, j]: key k is at or after key j
+    else:
+        m = (o_c >= o_r) if INCLUSIVE else (o_c > o_r)
+    if UPCAST:
+        return m.to(tl.float32)
+    else:
+        return m.to(DTYPE)
+
+
+@triton.jit
+def _tri_dot(part, TRI, acc, AXIS: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        part = part.to(tl.float32)
+    if AXIS == 1:
+        return tl.dot(part, TRI, acc)
+    else:
+        return tl.dot(TRI, part, acc)
+
+
+@triton.jit
+def _rcumsum(x, TRI, AXIS: tl.constexpr, INCLUSIVE: tl.constexpr, PARTS: tl.constexpr, UPCAST: tl.constexpr):
+    """Reverse cumsum of a float32 tile along the key axis (exclusive or inclusive, as TRI was built).
+
+    PARTS == 0: tl.cumsum, an exact float32 scan that costs a dozen warp shuffles per element.
+    PARTS == 2: x = hi + lo in float16 (22 significant bits) through two tensor-core products with TRI; for
+                log(1 - beta), clamped to the float16 range (a key past -6e4 leaves exp(...) = 0 either way).
+    PARTS == 3: x = hi + mid + lo in bfloat16 (24 bits, the full float32 range): for dl, whose scale is the user's.
+    """
+    if PARTS == 0:
+        c = tl.cumsum(x, axis=AXIS, reverse=True)
+        if not INCLUSIVE:
+            c = c - x
+    elif PARTS == 2:
+        xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
+        hi = xc.to(tl.float16)
+        lo = (xc - hi.to(tl.float32)).to(tl.float16)
+        c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
+        c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
+    else:
+        hi = x.to(tl.bfloat16)
+        r = x - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
+        c = _tri_dot(mid, TRI, c, AXIS, UPCAST)
+        c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
+    return c
+
+
+@triton.jit
 def _load_tile(P, o_r, o_c, s_r, s_c, m_r, N_C: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
     """Loads a [rows, BLOCK_C] tile, rows masked by m_r, columns past N_C (head-dim padding) as zeros."""
     p = P + o_r[:, None] * s_r + o_c[None, :] * s_c
@@ -114,9 +170,9 @@ def _seq_bounds(CU, i_n, T, VARLEN: tl.constexpr):
 # 2. forward
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(b_o, b_s, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_lo, nb_hi, scale,
+def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_lo, nb_hi, scale,
                D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -136,7 +192,7 @@ def _fwd_inner(b_o, b_s, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_
                 m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
         # sum over the nearer keys of this tile (k > j): reverse exclusive cumsum
-        b_cum = tl.cumsum(b_lom, axis=1, reverse=True) - b_lom
+        b_cum = _rcumsum(b_lom, TRI_L, 1, False, SCAN_L, UPCAST)
         b_a = tl.exp(b_lb + (b_s[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
@@ -151,7 +207,7 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
                 s_ob, s_oh, s_ot, s_od,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                 VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # heaviest (last) query blocks first; axis 1 enumerates (batch, sequence, head)
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -173,15 +229,16 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
     b_q = _load_tile(Q, o_m, tl.arange(0, BLOCK_D), s_qt, s_qd, m_m, D, BLOCK_D, UPCAST)
     b_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     b_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    TRI_L = _tri(BLOCK_N, 1, False, tl.float16, UPCAST)
 
     # key blocks [0, nb_hi) hold every key a row of this block may see; those from nb_full on cross the diagonal
     nb_hi = tl.where(m0 < seq_end, tl.cdiv(tl.minimum(m0 + BLOCK_M, seq_end) - seq_start, BLOCK_N), 0)
     nb_full = tl.minimum((m0 - seq_start) // BLOCK_N, nb_hi)
-    b_o, b_s = _fwd_inner(b_o, b_s, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, nb_hi,
-                          scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+    b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, nb_hi,
+                          scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
                           BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_o, b_s = _fwd_inner(b_o, b_s, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, 0, nb_full,
-                          scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+    b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, 0, nb_full,
+                          scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
                           BLOCK_N, BLOCK_D, BLOCK_DV)
 
     o_dv = tl.arange(0, BLOCK_DV)
@@ -195,11 +252,11 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
 # 3. backward, query-major: chunk-boundary carries, delta, and dq
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
+def _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
               seq_start, seq_end, nb_lo, nb_hi, scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, STORE_CARRY: tl.constexpr,
               ACC_DQ: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for it in range(nb_hi - nb_lo):
@@ -216,7 +273,7 @@ def _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd,
             else:
                 m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
-        b_cum = tl.cumsum(b_lom, axis=1, reverse=True) - b_lom
+        b_cum = _rcumsum(b_lom, TRI_L, 1, False, SCAN_L, UPCAST)
         b_a = tl.exp(b_lb + (b_w[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
@@ -224,7 +281,7 @@ def _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd,
         b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         if ACC_DQ:
             # C_ik = sum_{j<k} dl_ij = delta_i - (R_i + sum_{j>=k in tile} dl_ij)
-            b_c = b_delta[:, None] - (b_r[:, None] + tl.cumsum(b_dl, axis=1, reverse=True))
+            b_c = b_delta[:, None] - (b_r[:, None] + _rcumsum(b_dl, TRI_DL, 1, True, SCAN_DL, UPCAST))
             b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
             b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
             b_dz = b_dl * b_om - b_beta * (b_c + b_g[:, None])
@@ -248,7 +305,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
                    s_dob, s_doh, s_dot, s_dod,
                    H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
     i_bnh = tl.program_id(1)
@@ -280,28 +337,30 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     nb_hi = tl.where(m0 < seq_end, tl.cdiv(tl.minimum(m0 + BLOCK_M, seq_end) - seq_start, BLOCK_N), 0)
     nb_full = tl.minimum((m0 - seq_start) // BLOCK_N, nb_hi)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    TRI_L = _tri(BLOCK_N, 1, False, tl.float16, UPCAST)
+    TRI_DL = _tri(BLOCK_N, 1, True, tl.bfloat16, UPCAST)
 
     # walk 1: carries at the chunk boundaries, then delta_i = sum_j dl_ij (the same float32 dl as walk 2 uses)
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
                                m_m, seq_start, seq_end, nb_full, nb_hi, scale, T, CHUNK, D, DV, True, True, False,
-                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
+                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
                                m_m, seq_start, seq_end, 0, nb_full, scale, T, CHUNK, D, DV, False, True, False,
-                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, BLOCK_N, BLOCK_D, BLOCK_DV)
+                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     b_delta = b_r
     tl.store(DELTA + o_m, b_delta, mask=m_m)
 
     # walk 2: dq_i = scale * sum_k dz_ik k_k
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
                                o_m, m_m, seq_start, seq_end, nb_full, nb_hi, scale, T, CHUNK, D, DV, True, False,
-                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
+                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
                                o_m, m_m, seq_start, seq_end, 0, nb_full, scale, T, CHUNK, D, DV, False, False,
-                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, BLOCK_N, BLOCK_D, BLOCK_DV)
+                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     p_dq = DQ + o_m[:, None] * D + o_d[None, :]
     tl.store(p_dq, _round(b_dq * scale, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
 
@@ -310,10 +369,10 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
 # 4. backward, key-major: dk and dv, one program per (chunk of keys, kv-head)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_inner(b_dk, b_dv, b_k, b_v, Q, DO, REM, DREM, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
+def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
                 seq_start, seq_end, mb_lo, mb_hi, scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -336,12 +395,12 @@ def _dkdv_inner(b_dk, b_dv, b_k, b_v, Q, DO, REM, DREM, DELTA, TW, TR, s_qt, s_q
             else:
                 m_vis = o_n[:, None] < o_m[None, :]
             b_lom = tl.where(m_vis, b_lom, 0.0)
-        b_cum = tl.cumsum(b_lom, axis=0, reverse=True) - b_lom
+        b_cum = _rcumsum(b_lom, TRI_L, 0, False, SCAN_L, UPCAST)
         b_a = tl.exp(b_lb + (b_w[None, :] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         b_dl = b_a * tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-        b_c = b_delta[None, :] - (b_r[None, :] + tl.cumsum(b_dl, axis=0, reverse=True))
+        b_c = b_delta[None, :] - (b_r[None, :] + _rcumsum(b_dl, TRI_DL, 0, True, SCAN_DL, UPCAST))
         b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
         b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
         b_dz = b_dl * b_om - b_beta * (b_c + b_g[None, :])
@@ -361,7 +420,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
                      s_dob, s_doh, s_dot, s_dod,
                      H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                      VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # chunk 0 has the most query blocks after it: launch chunks in increasing order
     i_c = tl.program_id(0)
@@ -382,6 +441,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
     DV_ += (i_b * HK + i_hk) * T * DV
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
+    TRI_L = _tri(BLOCK_N, 0, False, tl.float16, UPCAST)
+    TRI_DL = _tri(BLOCK_N, 0, True, tl.bfloat16, UPCAST)
 
     for it in range(nkb):
         n0 = c0 + (nkb - 1 - it) * BLOCK_N
@@ -400,14 +461,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
             off_do = i_b * s_dob + i_h * s_doh
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
                                      DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_lo, mb_full, scale, D, DV, True, ATTEND_CURRENT,
-                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, BLOCK_M, BLOCK_D, BLOCK_DV)
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
+                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
                                      DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_full, mb_end, scale, D, DV, False, ATTEND_CURRENT,
-                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
         p_dk = DK + o_n[:, None] * D + o_d[None, :]
         tl.store(p_dk, _round(b_dk * scale, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
         p_dv = DV_ + o_n[:, None] * DV + o_dv[None, :]
@@ -417,14 +478,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
 # ---------------------------------------------------------------------------------------------------------------
 # 5. launchers, custom op, autograd
 # ---------------------------------------------------------------------------------------------------------------
-# Tile shapes: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by padded head dim. The interpreter uses small
-# mixed shapes (BLOCK_N != BLOCK_M exercises every diagonal case); benchmarks/bench_attention.py may override.
+# Tile shapes per kernel, by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts for log(1 - beta),
+# scan parts for dl) -- see _rcumsum; float32 inputs always scan with tl.cumsum. The interpreter uses small mixed
+# shapes (BLOCK_N != BLOCK_M exercises every diagonal case). benchmarks/bench_attention.py --sweep tunes these.
 CONFIGS = {
-    "interpret": {"fwd": (64, 32, 4, 1), "dq": (32, 64, 4, 1), "dkdv": (32, 64, 4, 1)},
-    64: {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
-    128: {"fwd": (128, 64, 8, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2)},
-    256: {"fwd": (64, 32, 4, 1), "dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
-    "float32": {"fwd": (64, 32, 4, 1), "dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
+    "interpret": {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 64, 4, 1, 2, 3), "dkdv": (32, 64, 4, 1, 2, 3)},
+    64: {"fwd": (64, 32, 4, 3, 2, 3), "dq": (64, 32, 4, 2, 2, 3), "dkdv": (32, 64, 4, 2, 2, 3)},
+    128: {"fwd": (64, 32, 4, 3, 2, 3), "dq": (64, 32, 4, 2, 2, 3), "dkdv": (32, 128, 8, 2, 2, 3)},
+    256: {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 32, 4, 1, 2, 3), "dkdv": (32, 32, 4, 1, 2, 3)},
+    "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
 }
 # 16-bit inputs: carry A (forward, dv) and dz (dq, dk) into the tensor-core products as hi + lo 16-bit parts.
 SPLIT = {"a": True, "dz": True}
@@ -435,10 +497,13 @@ MIN_CHUNK = {"interpret": 64, "gpu": 128}
 
 def _config(kernel, block_d, dtype, device):
     if INTERPRET or device.type != "cuda":
-        return CONFIGS["interpret"][kernel]
-    if dtype == torch.float32:
-        return CONFIGS["float32"][kernel]
-    return CONFIGS[max(64, block_d)][kernel]
+        cfg = CONFIGS["interpret"][kernel]
+    elif dtype == torch.float32:
+        cfg = CONFIGS["float32"][kernel]
+    else:
+        cfg = CONFIGS[max(64, block_d)][kernel]
+    # float32 keeps the exact float32 scan
+    return cfg[:4] + ((0, 0) if dtype == torch.float32 else cfg[4:])
 
 
 def _common(q, k, v, cu_seqlens):
@@ -467,14 +532,14 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _config("fwd", c["block_d"], q.dtype, q.device)
+    bm, bn, warps, stages, scan_l, scan_dl = _config("fwd", c["block_d"], q.dtype, q.device)
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     if grid[0] > 0:
         _fwd_kernel[grid](q, k, v, o, rem, c["cu"], float(scale), T, *q.stride(), *k.stride(), *v.stride(),
                           *o.stride(), H=H, GROUP=c["group"], N_SEQ=c["n_seq"], D=c["D"], DV=c["DV"],
                           VARLEN=c["varlen"], ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"],
                           DOT_DTYPE=c["dot_dtype"], PRECISION=c["precision"], SPLIT_A=c["split_a"],
-                          SPLIT_DZ=c["split_dz"], BLOCK_M=bm, BLOCK_N=bn,
+                          SPLIT_DZ=c["split_dz"], SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn,
                           BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"], num_warps=warps, num_stages=stages)
     return o, rem
 
@@ -506,18 +571,18 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
                   BLOCK_DV=c["block_dv"])
     if c["max_len"] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    bm, bn, warps, stages = _config("dq", c["block_d"], q.dtype, dev)
+    bm, bn, warps, stages, scan_l, scan_dl = _config("dq", c["block_d"], q.dtype, dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     _bwd_dq_kernel[grid](q, k, v, do, rem, drem, dq, delta, tw, tr, c["cu"], float(scale), T, chunk, n_chunks,
-                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn,
-                         num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = _config("dkdv", c["block_d"], q.dtype, dev)
+                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
+                         SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **common)
+    bm, bn, warps, stages, scan_l, scan_dl = _config("dkdv", c["block_d"], q.dtype, dev)
     assert chunk % bn == 0
     grid = (n_chunks, B * c["n_seq"] * hk)
     _bwd_dkdv_kernel[grid](q, k, v, do, rem, drem, delta, tw, tr, dk, dv, c["cu"], float(scale), T, chunk,
                            n_chunks, *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm,
-                           BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+                           BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
 
 
