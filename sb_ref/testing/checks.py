@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.gradcheck import GradcheckError
 
 from ..layer import StickBreakingSelfAttention
 from ..weights import reverse_exclusive_cumsum as _ref_reverse_exclusive_cumsum
@@ -453,7 +454,7 @@ def check_gradcheck_attention(gradcheck_attention):
                 return bool(gradcheck_attention(attention))
         except NotImplementedError:
             raise AssertionError(_NOT_ATTEMPTED.format(check=check, fn=_name(gradcheck_attention))) from None
-        except torch.autograd.gradcheck.GradcheckError:
+        except GradcheckError:
             return False
         except Exception as exc:
             raise AssertionError(f"{check}: `{_name(gradcheck_attention)}` raised {type(exc).__name__}: {exc}\n"
@@ -652,7 +653,7 @@ def check_combine(combine, *, seed=0):
     _verdict(check, n, "regimes random, long, saturated; splits at 0, in the middle and next to the end")
 
 
-_BLOCK_CASES = ((37, (4, 5, 16, 64)), (1, (1, 4, 16)), (7, (1, 2, 3, 7, 16)), (64, (8, 16, 64)))
+_BLOCK_CASES = ((37, (5, 16, 64)), (1, (1, 16)), (7, (1, 3, 7)), (64, (8, 64)))
 
 
 def check_blocked_attention(blocked_attention, *, seed=0, cases=_BLOCK_CASES, dtypes=(torch.float64, torch.float32),
@@ -688,7 +689,7 @@ def check_blocked_attention(blocked_attention, *, seed=0, cases=_BLOCK_CASES, dt
     _verdict(check, n, f"regimes {', '.join(regimes)}; T and blocks {tuple(cases)}; {detail}")
 
 
-def check_blocked_memory(blocked_attention, *, T=512, block=32, D=16, seed=0):
+def check_blocked_memory(blocked_attention, *, T=384, block=32, D=16, seed=0):
     """Lesson 04: ``blocked_attention`` never allocates anything near T * T (probed with :class:`LargestAllocation`)."""
     check = "check_blocked_memory"
     q, k, v = make_inputs("random", B=1, Hq=1, T=T, D=D, dtype=torch.float32, seed=seed)
