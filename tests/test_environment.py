@@ -285,6 +285,18 @@ def test_grader_says_plainly_when_there_are_no_lessons():
     assert "No lessons exist yet" in proc.stdout
 
 
+def test_grader_default_message_without_lessons(tmp_path):
+    """The default run, with lessons/ pointed at an empty folder: a plain message, exit 0."""
+    code = (
+        "import sys, pathlib, autograder, autograder.__main__ as cli\n"
+        f"autograder.LESSONS_DIR = cli.LESSONS_DIR = pathlib.Path({str(tmp_path)!r})\n"
+        "sys.exit(cli.main([]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("No lessons exist yet"), proc.stdout
+
+
 def test_grader_with_an_empty_folder(tmp_path):
     proc = grader(str(tmp_path))
     assert proc.returncode == 0, proc.stderr
