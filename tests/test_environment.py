@@ -3,7 +3,6 @@
 - requirements.lock pins every package the course needs, exactly, for every supported Python;
   environment.yml (the conda route) lists the same pins.
 - The Makefile keeps Jupyter, IPython, matplotlib, Triton and PyTorch out of the user's home.
-- ``python -m autograder`` grades notebooks (or says plainly that there are none).
 - ``.ci/run`` fails when a test fails or when no test ran.
 """
 from __future__ import annotations
@@ -250,99 +249,6 @@ def test_make_install_is_a_no_op_once_installed():
     proc = subprocess.run(["make", "-q", "install"], cwd=ROOT, env=without_make_vars(os.environ),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, "make install would do work again although nothing changed"
-
-
-# --------------------------------------------------------------------------- the grader
-
-
-def grader(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autograder", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def write_notebook(path: Path, *sources: str) -> Path:
-    import nbformat
-    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cells = [new_markdown_cell("# A lesson")] + [new_code_cell(source) for source in sources]
-    nbformat.write(new_notebook(cells=cells), path)
-    return path
-
-
-def test_grader_help():
-    proc = grader("--help")
-    assert proc.returncode == 0
-    assert "usage: python -m autograder" in proc.stdout
-    assert "--timeout" in proc.stdout
-
-
-def test_grader_says_plainly_when_there_are_no_lessons():
-    if list((ROOT / "lessons").glob("*/*.ipynb")):
-        pytest.skip("lessons exist")
-    proc = grader()
-    assert proc.returncode == 0, proc.stderr
-    assert "No lessons exist yet" in proc.stdout
-
-
-def test_grader_default_message_without_lessons(tmp_path):
-    """The default run, with lessons/ pointed at an empty folder: a plain message, exit 0."""
-    code = (
-        "import sys, pathlib, autograder, autograder.__main__ as cli\n"
-        f"autograder.LESSONS_DIR = cli.LESSONS_DIR = pathlib.Path({str(tmp_path)!r})\n"
-        "sys.exit(cli.main([]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("No lessons exist yet"), proc.stdout
-
-
-def test_grader_with_an_empty_folder(tmp_path):
-    proc = grader(str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert "No notebooks found" in proc.stdout
-
-
-def test_grader_rejects_a_missing_path(tmp_path):
-    proc = grader(str(tmp_path / "nope"))
-    assert proc.returncode == 2
-    assert "no such file or folder" in proc.stderr
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_grader_reports_each_notebook_and_writes_nothing_into_home(tmp_path):
-    lessons = tmp_path / "lessons"
-    good = write_notebook(
-        lessons / "00-good" / "good.ipynb",
-        "import os, sb_ref\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt",
-        "fig = plt.figure(); plt.plot([0, 1]); fig.savefig('plot.png')",
-        "assert os.path.exists('plot.png')  # the kernel works in the notebook's folder",
-    )
-    bad = write_notebook(lessons / "01-bad" / "bad.ipynb", "x = 1", "assert x == 2, 'x should be 2'", "print('never')")
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in without_make_vars(os.environ).items() if not k.startswith("XDG_")}
-    env.update(make_env())
-    env["HOME"] = str(home)
-    (ROOT / ".build").mkdir(exist_ok=True)  # as make does before it runs anything
-
-    proc = grader(str(lessons), "--timeout", "300", env=env)
-
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert any(line.split()[:2] == ["PASS", str(good.resolve())] for line in lines), proc.stdout
-    assert any(line.split()[:2] == ["FAIL", str(bad.resolve())] for line in lines), proc.stdout
-    assert "cell 3: AssertionError: x should be 2" in proc.stdout
-    assert lines[-1] == "1 passed, 1 failed"
-    written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
-    assert not written, f"grading wrote into the home directory: {written}"
-
-
-def test_grader_stops_a_notebook_that_runs_too_long(tmp_path):
-    notebook = write_notebook(tmp_path / "slow" / "slow.ipynb", "import time", "time.sleep(120)")
-    proc = grader(str(notebook), "--timeout", "5")
-    assert proc.returncode == 1
-    assert "cell 3: did not finish within 5 s" in proc.stdout
 
 
 # --------------------------------------------------------------------------- CI

@@ -1,0 +1,121 @@
+"""``python -m autograder``: grade lesson notebooks and print a report. See ``--help``."""
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LESSONS_DIR = REPO_ROOT / "lessons"
+SOLUTIONS_DIR = REPO_ROOT / "solutions"
+
+DESCRIPTION = """\
+Grade the course's lesson notebooks and print, per exercise, the points earned and what to fix.
+
+Each notebook's own code runs in a fresh Jupyter kernel of its own, with a time and a memory limit. The test
+cells run in the grader, from the course's trusted copy in solutions/ (so editing a test cell changes
+nothing), calling into the notebook's functions. Hidden tests run only with --with-hidden.
+"""
+
+EPILOG = """\
+exit status: 0 when grading ran, whatever the score; 2 when it could not (a bad argument or path).
+
+examples:
+  python -m autograder                                  grade every lesson in lessons/
+  python -m autograder lessons/02_log_space             grade one lesson
+  python -m autograder --with-hidden submitted/         instructors: a folder of submissions, hidden tests too
+  python -m autograder --json grades.json               also write the report as JSON
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m autograder", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", metavar="PATH", nargs="*", type=Path,
+                        help="notebooks, or folders to search for notebooks (default: lessons/)")
+    parser.add_argument("--with-hidden", action="store_true",
+                        help="instructors: also run the hidden tests, taken from solutions/")
+    parser.add_argument("--json", metavar="FILE", type=Path, help="also write the report to FILE as JSON")
+    parser.add_argument("--solutions", metavar="DIR", type=Path, default=SOLUTIONS_DIR,
+                        help="the trusted lessons, with their tests (default: solutions/)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=300.0,
+                        help="time limit for each cell and each call into the notebook (default: 300)")
+    parser.add_argument("--memory-mb", metavar="MB", type=int, default=8192,
+                        help="memory limit of each notebook's kernel (default: 8192)")
+    return parser
+
+
+def find_notebooks(paths):
+    """The notebooks to grade, sorted: given notebooks as they are, folders searched recursively (Jupyter's
+    checkpoint copies skipped); with no paths, ``lessons/*/*.ipynb``."""
+    if not paths:
+        return sorted(LESSONS_DIR.glob("*/*.ipynb"))
+    found = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        if path.is_dir():
+            found += [p for p in path.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts]
+        elif path.suffix == ".ipynb":
+            found.append(path)
+        else:
+            raise ValueError(f"not a notebook (.ipynb) or a folder: {path}")
+    return sorted({p.resolve() for p in found})
+
+
+def _display(path):
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _device():
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be a positive number of seconds")
+    if args.memory_mb < 0:
+        parser.error("--memory-mb must be 0 (no limit) or a positive number")
+    try:
+        notebooks = find_notebooks(args.paths)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    if not notebooks:
+        where = ", ".join(map(str, args.paths)) if args.paths else f"{_display(LESSONS_DIR)}/ (<lesson>/<lesson>.ipynb)"
+        print(f"No lesson notebooks to grade in {where}.")
+        return 0
+
+    from .grading import NotebookGrade, grade_notebook  # heavy imports only once there is work
+    from .report import table, write_json
+
+    device = _device()
+    on_gpu = device != "cpu"
+    grades = []
+    print(f"Grading {len(notebooks)} notebook(s) on {device}"
+          f"{', hidden tests included' if args.with_hidden else ''}:", file=sys.stderr, flush=True)
+    for n, path in enumerate(notebooks, 1):
+        label = path.stem if path.parent.parent == LESSONS_DIR.resolve() else _display(path)[:-len(".ipynb")]
+        source = args.solutions / path.stem / f"{path.stem}.ipynb"
+        print(f"  [{n}/{len(notebooks)}] {_display(path)} ...", end="", file=sys.stderr, flush=True)
+        if not source.exists():
+            grade = NotebookGrade(str(path), label, error=f"not a lesson of this course: no {_display(source)}")
+        else:
+            try:
+                grade = grade_notebook(path, source, with_hidden=args.with_hidden, lesson=label,
+                                       cell_timeout=args.timeout, call_timeout=args.timeout,
+                                       memory_mb=0 if on_gpu else args.memory_mb,
+                                       rss_limit_mb=args.memory_mb if on_gpu else 0)
+            except Exception as exc:  # an unreadable notebook, a kernel that cannot start: this notebook only
+                grade = NotebookGrade(str(path), label, error=f"could not be graded: {type(exc).__name__}: {exc}")
+        grades.append(grade)
+        print(f" {grade.points:g}/{grade.max_points:g} points ({grade.seconds:.0f} s)", file=sys.stderr, flush=True)
+    print(table(grades))
+    if args.json:
+        write_json(args.json, grades, with_hidden=args.with_hidden, device=device)
+        print(f"\nJSON report: {_display(args.json)}")
+    return 0
