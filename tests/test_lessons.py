@@ -7,7 +7,8 @@
   temporary course root), and holds no solution code, hidden tests or markers;
 - a full nbgrader round trip in that course root: the solutions as one student's submission get full marks, the
   untouched release zero, and a deliberately wrong submission per lesson loses exactly the points of the
-  exercises it breaks (scores read back from the gradebook); the feedback hides the hidden tests.
+  exercises it breaks (scores read back from the gradebook); a submission that fails only a hidden test loses
+  that test's points; the feedback hides the hidden tests, and their tracebacks.
 
 Jupyter, IPython and matplotlib write only into temporary folders here, never into the home directory.
 """
@@ -113,6 +114,17 @@ def blocked_attention(q, k, v, block, attend_current=False):
     return o, rem
 '''}, {"test_blocked_attention", "test_blocked_memory"}),
 }
+
+# A submission that passes the visible check of test_weight_matrix and fails its hidden one (T = 29 is a hidden size):
+# its feedback must say that the test failed without showing the hidden test.
+HIDDEN_ONLY = ("01_stick_breaking_numpy", {"weight_matrix": '''
+def weight_matrix(z, attend_current=False):
+    T = z.shape[0]
+    A = np.zeros((T, T))
+    for i in range(T):
+        A[i] = weights_for_query(z[i], i, attend_current or T == 29)
+    return A
+'''}, {"test_weight_matrix"})
 
 MARKERS = ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS")
 
@@ -232,9 +244,9 @@ def nbgrader(env, course, *args, timeout=600):
     return proc
 
 
-def wrong_submission(lesson):
+def wrong_submission(lesson, replacements=None):
     nb = read(solution_path(lesson))
-    replacements, _ = WRONG[lesson]
+    replacements = WRONG[lesson][0] if replacements is None else replacements
     for cell in nb.cells:
         grade_id = nbgrader_meta(cell).get("grade_id")
         if grade_id in replacements:
@@ -261,6 +273,10 @@ def course(isolated_env, tmp_path_factory):
             folder = course / "submitted" / student / lesson
             folder.mkdir(parents=True)
             nbformat.write(nb, str(folder / f"{lesson}.ipynb"))
+    lesson, replacements, _ = HIDDEN_ONLY
+    folder = course / "submitted" / "hidden_only" / lesson
+    folder.mkdir(parents=True)
+    nbformat.write(wrong_submission(lesson, replacements), str(folder / f"{lesson}.ipynb"))
     for step in ("autograde", "generate_feedback"):
         start = time.perf_counter()
         nbgrader(isolated_env, course, step, "0*", *(["--create"] if step == "autograde" else []))
@@ -329,6 +345,16 @@ def test_autograde_scores(course):
         assert scores[lesson, "wrong"] == expected, f"{lesson}: the wrong submission's scores"
 
 
+def test_hidden_tests_count(course):
+    from nbgrader.api import Gradebook
+
+    lesson, _, broken = HIDDEN_ONLY
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", COURSE_ID) as gb:
+        submission = gb.find_submission(lesson, "hidden_only")
+        scores = {g.name: g.score for nb in submission.notebooks for g in nb.grades}
+    assert scores == {name: (0.0 if name in broken else float(p)) for name, p in POINTS[lesson].items()}
+
+
 def test_autograde_runs_the_environment_kernel(course):
     nb = read(course / "autograded" / "solutions" / "00_setup" / "00_setup.ipynb")
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
@@ -354,3 +380,8 @@ def test_feedback_hides_the_hidden_tests(course):
             assert "HIDDEN TESTS" not in text
             for line in hidden:
                 assert line not in text, f"{page} shows a hidden test: {line}"
+    # a failed hidden test: the feedback shows the check's message, not the test or its traceback
+    lesson, _, _ = HIDDEN_ONLY
+    text = visible_text(course / "feedback" / "hidden_only" / lesson / f"{lesson}.html")
+    assert "check_weight_matrix: the weight matrix is wrong for regime='random', T=29" in text
+    assert "seed=23" not in text and "Traceback" not in text
