@@ -139,8 +139,11 @@ def _score_test(cell, session, trusted_globals):
         exercise.points = exercise.max_points
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # partial credit
             exercise.points = min(max(float(value), 0.0), exercise.max_points)
+            exercise.message = getattr(value, "note", "")
             if exercise.points < exercise.max_points:
-                exercise.status, exercise.message = "failed", f"partial credit: {exercise.points:g}"
+                exercise.status = "failed"
+                exercise.message = f"partial credit: {exercise.points:g}" + (
+                    f" ({exercise.message})" if exercise.message else "")
     return exercise
 
 

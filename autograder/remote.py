@@ -37,6 +37,12 @@ class RemoteFunction:
     def __init__(self, session, target, name):
         self.session, self.target, self.name = session, target, name
         self.__name__ = self.__qualname__ = name
+        self.learner_name = target if isinstance(target, str) else None
+
+    def run_in_kernel(self, helper, *args):
+        """Runs ``helper`` ("module:function", e.g. a speed probe) in the learner's kernel, with this function as
+        its first argument: measurements of the learner's code are taken where that code runs."""
+        return RemoteFunction(self.session, helper, helper)(self, *args)
 
     def __repr__(self):
         return f"<learner function {self.name}>"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 _NUMPY, _NUMPY_SCALAR, _DEVICE = "__numpy__", "__numpy_scalar__", "__device__"
-_REMOTE, _FUNCTION = "__remote__", "__function__"
+_REMOTE, _FUNCTION, _LEARNER = "__remote__", "__function__", "__learner__"
 
 
 def _importable(fn):
@@ -46,13 +46,23 @@ def encode(value):
         return value
     if getattr(value, "remote_handle", None) is not None:  # a learner's object, sent back where it lives
         return {_REMOTE: value.remote_handle}
+    if getattr(value, "learner_name", None) is not None:  # a learner's function, by its name in the notebook
+        return {_LEARNER: value.learner_name}
     if callable(value) and _importable(value):  # a function of an installed module travels by its name
         return {_FUNCTION: [value.__module__, value.__qualname__]}
     raise TypeError(f"cannot pass a {type(value).__name__} between the grader and the notebook: use tensors, "
                     "numpy arrays, numbers, strings, or lists/tuples/dicts of them")
 
 
-def decode(value, keep_device=True):
+def decode(value, keep_device=True, namespace=None):
+    """Inverse of :func:`encode`; in the kernel, ``namespace`` resolves learner functions sent by name."""
+    if isinstance(value, dict) and namespace is not None and _LEARNER in value:
+        return namespace[value[_LEARNER]]
+    if isinstance(value, (list, tuple)) and namespace is not None:
+        items = [decode(v, keep_device, namespace) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict) and namespace is not None and "__dict__" in value:
+        return {decode(k, keep_device, namespace): decode(v, keep_device, namespace) for k, v in value["__dict__"]}
     if isinstance(value, dict):
         if "__tensor__" in value:
             t = value["__tensor__"]
@@ -86,8 +96,8 @@ def save(value, path):
     torch.save(encode(value), path)
 
 
-def load(path):
-    return decode(torch.load(path, weights_only=True))
+def load(path, namespace=None):
+    return decode(torch.load(path, weights_only=True), namespace=namespace)
 
 
 def tensors_in(value):
@@ -134,6 +144,9 @@ def _respond(result, response_path, call_id):
 
 def _target(namespace, target):
     """A name in the notebook, or ``[handle, attribute or None]`` of an object kept here."""
+    if isinstance(target, str) and ":" in target:  # a helper of an installed module, e.g. a speed probe
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)
     if isinstance(target, str):
         return namespace[target]
     handle, attribute = target
@@ -144,7 +157,7 @@ def _target(namespace, target):
 def serve_call(namespace, target, request_path, response_path, call_id):
     """Kernel side: call the target with the arguments of the request file, write the response."""
     try:
-        request = load(request_path)
+        request = load(request_path, namespace)
         args, kwargs = request["args"], request["kwargs"]
         inputs = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
         result = _target(namespace, target)(*args, **kwargs)
