@@ -109,7 +109,9 @@ lab: $(STAMP)
 	@echo ".venv/bin/jupyter lab --ServerApp.root_dir=lessons $(LAB_ARGS)"
 	@cd "$(ROOT)" && $(ACTIVATED) "$(VENV)/bin/jupyter" lab --ServerApp.root_dir="$(ROOT)/lessons" $(LAB_ARGS)
 
-# lessons/ is generated from solutions/ by nbgrader, one assignment folder per lesson.
+# lessons/ is generated from solutions/ by nbgrader, one assignment folder per lesson. nbgrader_config.py makes the
+# stubs name their task and strips outputs, execution counts and per-machine metadata from the release;
+# tests/test_lessons.py fails when the committed lessons/ differs from a fresh release.
 release: $(STAMP)
 	@cd "$(ROOT)"; \
 	shopt -s nullglob; \
@@ -128,7 +130,12 @@ release: $(STAMP)
 	  ls "$$dir"*.ipynb >/dev/null 2>&1 || continue; \
 	  echo "nbgrader generate_assignment $$lesson"; \
 	  $(ACTIVATED) "$(VENV)/bin/nbgrader" generate_assignment "$$lesson" --force; \
-	done
+	done; \
+	if grep -l -E "BEGIN SOLUTION|END SOLUTION|BEGIN HIDDEN TESTS|END HIDDEN TESTS" lessons/*/*.ipynb; then \
+	  echo "error: the release above still holds solution or hidden-test markers" >&2; \
+	  exit 1; \
+	fi; \
+	echo "lessons/ regenerated from solutions/ (stubs, no outputs, no hidden tests): review with git diff, then commit it."
 
 bench: $(STAMP)
 	@if [ ! -f "$(ROOT)/benchmarks/bench_attention.py" ]; then \
