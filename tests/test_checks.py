@@ -206,7 +206,7 @@ def test_unstable_logs_fail_with_the_dtype_and_the_identity_to_use():
     assert "dtype=float64" in message and "softplus" in message and "largest relative error of one entry" in message
 
 
-def test_half_precision_compute_fails_in_the_long_regime():
+def test_half_precision_compute_fails_with_a_hint_to_use_float32():
     def bf16_weights(logits, attend_current=False):  # the product taken in the logits' own dtype
         T = logits.shape[-1]
         seen = visible(T, attend_current)
@@ -215,7 +215,7 @@ def test_half_precision_compute_fails_in_the_long_regime():
         return torch.where(seen, torch.sigmoid(logits) * after, torch.zeros_like(logits))
 
     message = failure("check_stable_weights", bf16_weights)
-    assert "dtype=bfloat16" in message and "regime='long'" in message and "float32" in message
+    assert "dtype=bfloat16" in message and "compute in float32" in message
 
 
 def test_errors_inside_the_learner_code_name_the_case():
