@@ -31,7 +31,7 @@ cd /tmp  # not the repo root: its sb_ref/ (without kernels/) would shadow the as
 rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
     SB_GPU_RESULTS="$OUT/gpu_errors.json" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "$REPO/tests/test_kernels_gpu.py" \
-        "$REPO/tests/test_kernels.py" -q -rfE -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/tests.log"
+        "$REPO/tests/test_kernels.py" -v -rfE -p no:cacheprovider --durations=25 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log"
     rc=$((rc | ${PIPESTATUS[0]}))
 fi
 if [[ $MODE == bench || $MODE == all ]]; then

@@ -14,16 +14,20 @@ from test_kernels import TOL, _LargestAllocation, make_inputs, run_and_check
 from sb_ref.kernels import stick_breaking_attention_triton
 
 pytestmark = pytest.mark.gpu
-RESULTS = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _dump_results():
-    yield
-    path = os.environ.get("SB_GPU_RESULTS")
-    if path:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=1)
+class _Results(list):
+    """Every measured error, written out after each entry when SB_GPU_RESULTS names a file."""
+
+    def append(self, item):
+        super().append(item)
+        path = os.environ.get("SB_GPU_RESULTS")
+        if path:
+            with open(path, "w") as f:
+                json.dump(self, f, indent=1)
+
+
+RESULTS = _Results()
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
