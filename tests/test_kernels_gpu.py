@@ -124,7 +124,7 @@ class _TinyModel(torch.nn.Module):
         q = self.q(x).view(B, T, self.H, self.Dh).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, self.Hk, self.Dh).permute(2, 0, 3, 1, 4)
         o, rem = stick_breaking_attention_triton(q, k, v, self.Dh ** -0.5, False)
-        o = o + rem.unsqueeze(-1) * v.repeat_interleave(self.H // self.Hk, 1)
+        o = o + rem.unsqueeze(-1).to(o.dtype) * v.repeat_interleave(self.H // self.Hk, 1)
         return self.out(o.transpose(1, 2).reshape(B, T, E))
 
 
