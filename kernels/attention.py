@@ -8,7 +8,7 @@ The story, in the order of this file (kernels/README.md has the derivations):
 1. ``_log_sigmoids``: log(beta) and log(1 - beta) of a tile of logits, accurate to float32 everywhere.
 2. ``_fwd_kernel``: a program owns a query block and walks key blocks from the diagonal back to the start of its
    sequence, carrying per row S = sum of log(1 - beta) over the keys already visited. Inside a tile
-   log A = log beta + S + (reverse exclusive cumsum of log(1 - beta) along the keys).
+   log A = log beta + S + (reverse exclusive cumsum of log(1 - beta) along the keys), all in base 2.
 3. ``_bwd_dq_kernel`` (query-major): walk 1 recomputes dl = A * (dO . v) and stores, at every chunk boundary, the
    carries (W, R) = (sum log(1 - beta), sum dl) of the keys right of the boundary; at the end delta = sum dl.
    Walk 2 recomputes the tiles once more and accumulates dq with C = delta - R.
@@ -35,22 +35,28 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # 1. log(beta) and log(1 - beta) without log(sigmoid)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _log_sigmoids(z):
-    """Returns (log beta, log(1 - beta), e, r) for beta = sigmoid(z), with e = exp(-|z|) and r = 1 / (1 + e)."""
-    # softplus(z) = max(z, 0) + log1p(e): log beta = -softplus(-z) = min(z, 0) - log1p(e), log(1-beta) = -softplus(z)
-    e = tl.exp(-tl.abs(z))
-    # log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3]: an odd series to s^15 is float32-exact (next term < 2e-9)
-    # and needs no log, whose fast GPU version is only absolutely accurate near 1 (logits near -8 need relative)
+def _log_sigmoids(z, SHORT: tl.constexpr):
+    """For base-2 logits z = log2(e) * scale * q.k, returns (log2 beta, log2(1 - beta), e, r) with e = exp(-|logit|)
+    and r = 1 / (1 + e). Working in base 2 lets every exp be a bare exp2 (the scale absorbs log2(e))."""
+    # softplus(x) = max(x, 0) + log1p(e): log beta = -softplus(-x) = min(x, 0) - log1p(e), log(1-beta) = -softplus(x)
+    e = tl.exp2(-tl.abs(z))
+    # log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3]: an odd series, float32-exact to s^15 (next term < 2e-9)
+    # and to 1.5e-7 at s^11 (enough under 16-bit inputs, SHORT); it needs no log, whose fast GPU version is only
+    # absolutely accurate near 1 (logits near -8 need a relative 1e-7)
     s = e / (2.0 + e)
     s2 = s * s
-    p = s2 * 0.06666666666666667 + 0.07692307692307693
-    p = p * s2 + 0.09090909090909091
-    p = p * s2 + 0.1111111111111111
+    if SHORT:
+        p = s2 * 0.09090909090909091 + 0.1111111111111111
+    else:
+        p = s2 * 0.06666666666666667 + 0.07692307692307693
+        p = p * s2 + 0.09090909090909091
+        p = p * s2 + 0.1111111111111111
     p = p * s2 + 0.14285714285714285
     p = p * s2 + 0.2
     p = p * s2 + 0.3333333333333333
     p = p * s2 + 1.0
-    l1p = 2.0 * s * p
+    # 2 atanh(s), in base 2
+    l1p = 2.8853900817779268 * s * p
     log_beta = tl.minimum(z, 0.0) - l1p
     log_om = -tl.maximum(z, 0.0) - l1p
     # 1 / (1 + e): beta = r for z >= 0 and e * r below (and 1 - beta the other way round); used by the backward
@@ -170,7 +176,7 @@ def _seq_bounds(CU, i_n, T, VARLEN: tl.constexpr):
 # 2. forward
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_lo, nb_hi, scale,
+def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_lo, nb_hi, qk_scale,
                D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -182,8 +188,8 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
         m_n = o_n < seq_end
         b_k = _load_tile(K, o_n, o_d, s_kt, s_kd, m_n, D, BLOCK_D, UPCAST)
         b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
-        b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale
-        b_lb, b_lom, _, _ = _log_sigmoids(b_z)
+        b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        b_lb, b_lom, _, _ = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
         if MASKED:
             # only blocks that cross the diagonal need the causal mask
             if ATTEND_CURRENT:
@@ -193,7 +199,7 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
             b_lom = tl.where(m_vis, b_lom, 0.0)
         # sum over the nearer keys of this tile (k > j): reverse exclusive cumsum
         b_cum = _rcumsum(b_lom, TRI_L, 1, False, SCAN_L, UPCAST)
-        b_a = tl.exp(b_lb + (b_s[:, None] + b_cum))
+        b_a = tl.exp2(b_lb + (b_s[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         b_o = _dot_split(b_a, b_v, b_o, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
@@ -216,6 +222,8 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
     i_n = (i_bnh // H) % N_SEQ
     i_b = i_bnh // (H * N_SEQ)
     seq_start, seq_end = _seq_bounds(CU, i_n, T, VARLEN)
+    # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
+    qk_scale = scale * 1.4426950408889634
     m0 = seq_start + i_m * BLOCK_M
 
     Q += i_b * s_qb + i_h * s_qh
@@ -235,17 +243,17 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
     nb_hi = tl.where(m0 < seq_end, tl.cdiv(tl.minimum(m0 + BLOCK_M, seq_end) - seq_start, BLOCK_N), 0)
     nb_full = tl.minimum((m0 - seq_start) // BLOCK_N, nb_hi)
     b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, nb_hi,
-                          scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
+                          qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
                           BLOCK_N, BLOCK_D, BLOCK_DV)
     b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, 0, nb_full,
-                          scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
+                          qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
                           BLOCK_N, BLOCK_D, BLOCK_DV)
 
     o_dv = tl.arange(0, BLOCK_DV)
     p_o = O + o_m[:, None] * s_ot + o_dv[None, :] * s_od
     tl.store(p_o, _round(b_o, O.dtype.element_ty, UPCAST).to(O.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < DV))
     # the remainder is what the stick still holds after every visible key
-    tl.store(REM + o_m, tl.exp(b_s), mask=m_m)
+    tl.store(REM + o_m, tl.exp2(b_s), mask=m_m)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +261,7 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
-              seq_start, seq_end, nb_lo, nb_hi, scale, T, CHUNK,
+              seq_start, seq_end, nb_lo, nb_hi, qk_scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, STORE_CARRY: tl.constexpr,
               ACC_DQ: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr,
               PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -265,8 +273,8 @@ def _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, 
         m_n = o_n < seq_end
         b_k = _load_tile(K, o_n, o_d, s_kt, s_kd, m_n, D, BLOCK_D, UPCAST)
         b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
-        b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale
-        b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z)
+        b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
         if MASKED:
             if ATTEND_CURRENT:
                 m_vis = o_n[None, :] <= o_m[:, None]
@@ -274,7 +282,7 @@ def _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, 
                 m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
         b_cum = _rcumsum(b_lom, TRI_L, 1, False, SCAN_L, UPCAST)
-        b_a = tl.exp(b_lb + (b_w[:, None] + b_cum))
+        b_a = tl.exp2(b_lb + (b_w[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         # dl_ij = dLoss / dlog A_ij = A_ij (dO_i . v_j)
@@ -313,6 +321,8 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     i_n = (i_bnh // H) % N_SEQ
     i_b = i_bnh // (H * N_SEQ)
     seq_start, seq_end = _seq_bounds(CU, i_n, T, VARLEN)
+    # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
+    qk_scale = scale * 1.4426950408889634
     m0 = seq_start + i_m * BLOCK_M
 
     Q += i_b * s_qb + i_h * s_qh
@@ -344,10 +354,10 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
-                               m_m, seq_start, seq_end, nb_full, nb_hi, scale, T, CHUNK, D, DV, True, True, False,
+                               m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK, D, DV, True, True, False,
                                ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
-                               m_m, seq_start, seq_end, 0, nb_full, scale, T, CHUNK, D, DV, False, True, False,
+                               m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK, D, DV, False, True, False,
                                ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     b_delta = b_r
     tl.store(DELTA + o_m, b_delta, mask=m_m)
@@ -356,10 +366,10 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
-                               o_m, m_m, seq_start, seq_end, nb_full, nb_hi, scale, T, CHUNK, D, DV, True, False,
+                               o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK, D, DV, True, False,
                                True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
-                               o_m, m_m, seq_start, seq_end, 0, nb_full, scale, T, CHUNK, D, DV, False, False,
+                               o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK, D, DV, False, False,
                                True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     p_dq = DQ + o_m[:, None] * D + o_d[None, :]
     tl.store(p_dq, _round(b_dq * scale, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
@@ -370,7 +380,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
-                seq_start, seq_end, mb_lo, mb_hi, scale,
+                seq_start, seq_end, mb_lo, mb_hi, qk_scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -387,8 +397,8 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW
         b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
         b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0)
         # tiles are [keys, queries]: the scans run along axis 0
-        b_z = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale
-        b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z)
+        b_z = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale
+        b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
         if MASKED:
             if ATTEND_CURRENT:
                 m_vis = o_n[:, None] <= o_m[None, :]
@@ -396,7 +406,7 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW
                 m_vis = o_n[:, None] < o_m[None, :]
             b_lom = tl.where(m_vis, b_lom, 0.0)
         b_cum = _rcumsum(b_lom, TRI_L, 0, False, SCAN_L, UPCAST)
-        b_a = tl.exp(b_lb + (b_w[None, :] + b_cum))
+        b_a = tl.exp2(b_lb + (b_w[None, :] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         b_dl = b_a * tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
@@ -430,6 +440,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
     i_n = (i_bnh // HK) % N_SEQ
     i_b = i_bnh // (HK * N_SEQ)
     seq_start, seq_end = _seq_bounds(CU, i_n, T, VARLEN)
+    # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
+    qk_scale = scale * 1.4426950408889634
     c0 = seq_start + i_c * CHUNK
     c1 = tl.minimum(c0 + CHUNK, seq_end)
     nkb = tl.maximum(tl.cdiv(c1 - c0, BLOCK_N), 0)
@@ -463,11 +475,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
             b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
                                      DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
-                                     seq_start, seq_end, mb_lo, mb_full, scale, D, DV, True, ATTEND_CURRENT,
+                                     seq_start, seq_end, mb_lo, mb_full, qk_scale, D, DV, True, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
             b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
                                      DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
-                                     seq_start, seq_end, mb_full, mb_end, scale, D, DV, False, ATTEND_CURRENT,
+                                     seq_start, seq_end, mb_full, mb_end, qk_scale, D, DV, False, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
         p_dk = DK + o_n[:, None] * D + o_d[None, :]
         tl.store(p_dk, _round(b_dk * scale, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
@@ -503,8 +515,9 @@ def _config(kernel, block_d, dtype, device):
         cfg = CONFIGS["float32"][kernel]
     else:
         cfg = CONFIGS[max(64, block_d)][kernel]
-    # float32 keeps the exact float32 scan
-    return cfg[:4] + ((0, 0) if dtype == torch.float32 else cfg[4:])
+    # float32 keeps the exact float32 scan; an optional 7th entry caps the registers per thread (ptxas maxnreg)
+    scans = (0, 0) if dtype == torch.float32 else cfg[4:6]
+    return cfg[:4] + scans + ({"maxnreg": cfg[6]} if len(cfg) > 6 else {},)
 
 
 def _common(q, k, v, cu_seqlens):
@@ -533,7 +546,7 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages, scan_l, scan_dl = _config("fwd", c["block_d"], q.dtype, q.device)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("fwd", c["block_d"], q.dtype, q.device)
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     if grid[0] > 0:
         _fwd_kernel[grid](q, k, v, o, rem, c["cu"], float(scale), T, *q.stride(), *k.stride(), *v.stride(),
@@ -541,7 +554,7 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
                           VARLEN=c["varlen"], ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"],
                           DOT_DTYPE=c["dot_dtype"], PRECISION=c["precision"], SPLIT_A=c["split_a"],
                           SPLIT_DZ=c["split_dz"], SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn,
-                          BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"], num_warps=warps, num_stages=stages)
+                          BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"], num_warps=warps, num_stages=stages, **extra)
     return o, rem
 
 
@@ -572,18 +585,18 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
                   BLOCK_DV=c["block_dv"])
     if c["max_len"] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    bm, bn, warps, stages, scan_l, scan_dl = _config("dq", c["block_d"], q.dtype, dev)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", c["block_d"], q.dtype, dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     _bwd_dq_kernel[grid](q, k, v, do, rem, drem, dq, delta, tw, tr, c["cu"], float(scale), T, chunk, n_chunks,
                          *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
-                         SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages, scan_l, scan_dl = _config("dkdv", c["block_d"], q.dtype, dev)
+                         SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra, **common)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dkdv", c["block_d"], q.dtype, dev)
     assert chunk % bn == 0
     grid = (n_chunks, B * c["n_seq"] * hk)
     _bwd_dkdv_kernel[grid](q, k, v, do, rem, drem, delta, tw, tr, dk, dv, c["cu"], float(scale), T, chunk,
                            n_chunks, *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm,
-                           BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **common)
+                           BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra, **common)
     return dq, dk, dv
 
 
