@@ -17,6 +17,7 @@ Every check is called as ``check_<exercise>(learner_fn)``, so an nbgrader test c
 The keyword arguments (``seed``, sizes, regimes) give the hidden variants used in the hidden-test blocks.
 """
 import contextlib
+import functools
 import io
 import math
 import warnings
@@ -57,6 +58,15 @@ def _quiet():
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         yield
+
+
+def _quietly(check):
+    """Runs a whole check under :func:`_quiet`: its own computations must not write to stderr either."""
+    @functools.wraps(check)
+    def wrapper(*args, **kwargs):
+        with _quiet():
+            return check(*args, **kwargs)
+    return wrapper
 
 
 def _name(fn):
@@ -207,6 +217,7 @@ def _row_hint(got, ref_row, i, attend_current):
 # --------------------------------------------------------------------------------------------------------------
 # lesson 00: setup
 
+@_quietly
 def check_sigmoid(sigmoid, *, seed=0, n=200):
     """Lesson 00: ``sigmoid(z)`` on a numpy array, exact for every z (no overflow, no NaN)."""
     check = "check_sigmoid"
@@ -228,6 +239,7 @@ def check_sigmoid(sigmoid, *, seed=0, n=200):
 # --------------------------------------------------------------------------------------------------------------
 # lesson 01: stick-breaking in numpy
 
+@_quietly
 def check_weights_for_query(weights_for_query, *, seed=0, sizes=(9, 1, 2, 33)):
     """Lesson 01: ``weights_for_query(z_row, i, attend_current=False)`` -> the (T,) weights of query i."""
     check = "check_weights_for_query"
@@ -247,6 +259,7 @@ def check_weights_for_query(weights_for_query, *, seed=0, sizes=(9, 1, 2, 33)):
     _verdict(check, n, f"regimes {', '.join(REGIMES)}; T in {tuple(sizes)}; attend_current both ways")
 
 
+@_quietly
 def check_weight_matrix(weight_matrix, *, seed=0, sizes=(17, 1, 2, 48)):
     """Lesson 01: ``weight_matrix(z, attend_current=False)`` -> the (T, T) stick-breaking weights."""
     check = "check_weight_matrix"
@@ -264,6 +277,7 @@ def check_weight_matrix(weight_matrix, *, seed=0, sizes=(17, 1, 2, 48)):
     _verdict(check, n, f"regimes {', '.join(REGIMES)}; T in {tuple(sizes)}; attend_current both ways", worst)
 
 
+@_quietly
 def check_attention_numpy(attention_numpy, *, seed=0, shapes=((7, 12, 5), (1, 16, 16), (40, 24, 24))):
     """Lesson 01: ``attention_numpy(q, k, v, attend_current=False)`` on one head -> ``(o, rem)``.
 
@@ -294,6 +308,7 @@ def check_attention_numpy(attention_numpy, *, seed=0, shapes=((7, 12, 5), (1, 16
 # --------------------------------------------------------------------------------------------------------------
 # lesson 02: numerics and log space
 
+@_quietly
 def check_log_sigmoids(log_sigmoids, *, seed=0, n=400):
     """Lesson 02: ``log_sigmoids(z)`` -> ``(log(beta), log(1 - beta))``, accurate entry by entry."""
     check = "check_log_sigmoids"
@@ -320,6 +335,7 @@ def check_log_sigmoids(log_sigmoids, *, seed=0, n=400):
     _verdict(check, count, "float64 and float32, each entry to its own relative precision")
 
 
+@_quietly
 def check_reverse_exclusive_cumsum(reverse_exclusive_cumsum, *, seed=0, shapes=((1,), (5,), (3, 8), (2, 3, 33))):
     """Lesson 02: ``reverse_exclusive_cumsum(x)``: ``out[..., j] = sum_{k > j} x[..., k]`` along the last dim."""
     check = "check_reverse_exclusive_cumsum"
@@ -339,6 +355,7 @@ def check_reverse_exclusive_cumsum(reverse_exclusive_cumsum, *, seed=0, shapes=(
     _verdict(check, len(shapes), f"shapes {tuple(shapes)}")
 
 
+@_quietly
 def check_stable_weights(stable_weights, *, seed=0, sizes=(7, 1, 64, 300), dtypes=(torch.float64, torch.float32,
                                                                                   torch.bfloat16)):
     """Lesson 02: ``stable_weights(logits, attend_current=False)`` on (..., T, T) tensors, in every regime and dtype."""
@@ -395,6 +412,7 @@ def _attention_cases(check, attention, seed, shapes, dtypes, regimes, extra_kwar
     return n, worst
 
 
+@_quietly
 def check_stable_attention(stable_attention, *, seed=0, shapes=_ATTENTION_SHAPES,
                            dtypes=(torch.float64, torch.float32, torch.bfloat16), regimes=REGIMES):
     """Lesson 02: ``stable_attention(q, k, v, scale=None, attend_current=False)`` -> ``(o, rem)``.
@@ -442,6 +460,7 @@ def _good_attention(q, k, v, scale=None, attend_current=False):
     return _ref_weights(z, attend_current=attend_current) @ v, rem
 
 
+@_quietly
 def check_gradcheck_attention(gradcheck_attention):
     """Lesson 02: ``gradcheck_attention(attention) -> bool`` runs ``torch.autograd.gradcheck`` on ``attention``.
 
@@ -475,6 +494,7 @@ def check_gradcheck_attention(gradcheck_attention):
     _verdict(check, 2, "accepts a correct backward, rejects a wrong one")
 
 
+@_quietly
 def check_attention_gradients(stable_attention, *, seed=0, shapes=((1, 2, 13, 12, 5), (1, 2, 1, 8, 8)),
                               regimes=REGIMES):
     """Lesson 02: the gradients of ``stable_attention`` (through o and rem) against the float64 oracle's."""
@@ -520,6 +540,7 @@ def check_attention_gradients(stable_attention, *, seed=0, shapes=((1, 2, 13, 12
 # --------------------------------------------------------------------------------------------------------------
 # lesson 03: the attention layer
 
+@_quietly
 def check_repeat_kv(repeat_kv, *, seed=0):
     """Lesson 03: ``repeat_kv(x, n_rep)``: (B, Hk, T, D) -> (B, Hk * n_rep, T, D); query head h uses kv head h // n_rep."""
     check = "check_repeat_kv"
@@ -546,6 +567,7 @@ def _ref_apply_remainder(o, rem, v, mode, bias):
     return o
 
 
+@_quietly
 def check_apply_remainder(apply_remainder, *, seed=0):
     """Lesson 03: ``apply_remainder(o, rem, v, mode, bias=None)`` for mode "self", "bias" and "none", with GQA."""
     check = "check_apply_remainder"
@@ -569,6 +591,7 @@ def check_apply_remainder(apply_remainder, *, seed=0):
     _verdict(check, n, "modes self, bias, none; with and without GQA")
 
 
+@_quietly
 def check_layer_forward(layer_class, *, seed=0, configs=None):
     """Lesson 03: a layer class with ``StickBreakingSelfAttention``'s constructor and parameters, whose forward the
     learner wrote; its output must match ``sb_ref.StickBreakingSelfAttention`` with the same weights (float64)."""
@@ -633,6 +656,7 @@ def _segment_attention(q, k, v, start, end, *, scale=None, attend_current=False)
     return log_A.exp().masked_fill(~seen, 0.0) @ v, log_keep.sum(-1)
 
 
+@_quietly
 def check_combine(combine, *, seed=0):
     """Lesson 04: ``combine(near, far)`` with ``near = (o_near, S_near)``, ``far = (o_far, S_far)`` -> ``(o, S)``."""
     check = "check_combine"
@@ -658,6 +682,7 @@ def check_combine(combine, *, seed=0):
 _BLOCK_CASES = ((37, (5, 16, 64)), (1, (1, 16)), (7, (1, 3, 7)), (64, (8, 64)))
 
 
+@_quietly
 def check_blocked_attention(blocked_attention, *, seed=0, cases=_BLOCK_CASES, dtypes=(torch.float64, torch.float32),
                             regimes=REGIMES, D=12, Dv=20):
     """Lesson 04: ``blocked_attention(q, k, v, block, attend_current=False)`` -> ``(o, rem)`` for every block size.
@@ -691,6 +716,7 @@ def check_blocked_attention(blocked_attention, *, seed=0, cases=_BLOCK_CASES, dt
     _verdict(check, n, f"regimes {', '.join(regimes)}; T and blocks {tuple(cases)}; {detail}")
 
 
+@_quietly
 def check_blocked_memory(blocked_attention, *, T=384, block=32, D=16, seed=0):
     """Lesson 04: ``blocked_attention`` never allocates anything near T * T (probed with :class:`LargestAllocation`)."""
     check = "check_blocked_memory"
