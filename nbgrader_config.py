@@ -2,8 +2,10 @@
 
 The course root is this folder: ``solutions/`` is nbgrader's source (solved notebooks with solution and hidden-test
 regions), ``lessons/`` its release (what learners open). Regenerate the release with ``make release``; collect
-submissions into ``submitted/<student>/<lesson>/``, then ``nbgrader autograde <lesson>`` and
-``nbgrader generate_feedback <lesson>``.
+submissions into ``submitted/<student>/<lesson>/<lesson>.ipynb``, then ``nbgrader autograde <lesson> --create`` and
+``nbgrader generate_feedback <lesson>`` (feedback lands in ``feedback/<student>/<lesson>/``). Run nbgrader with
+``.venv/bin`` first on PATH (``source .venv/bin/activate``): it calls its database tool ``alembic`` by name. The
+gradebook is ``gradebook.db`` in this folder.
 
 Three preprocessors are defined here:
 
