@@ -135,3 +135,23 @@ def test_make_grade_on_a_fresh_clone_prints_the_report(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lesson" in proc.stdout and "exercise" in proc.stdout and "total: 0/" in proc.stdout
+
+
+def test_a_quadratic_blocked_attention_loses_only_the_memory_points(tmp_path):
+    """The allocation probe runs in the notebook's kernel, where the learner's tensors are allocated."""
+    lesson = "04_tiles"
+    nb = nbformat.read(ROOT / "solutions" / lesson / f"{lesson}.ipynb", as_version=4)
+    _solution_cell(nb, "blocked_attention").source = (
+        "def blocked_attention(q, k, v, block, attend_current=False):\n"
+        "    o, rem = sb_ref.testing.oracle_attention(q, k, v, attend_current=attend_current)  # T x T weights\n"
+        "    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32\n"
+        "    return o.to(q.dtype), rem.to(dtype)\n")
+    nb.cells.insert(1, nbformat.v4.new_code_cell("import sb_ref, torch"))
+    path = tmp_path / "bob" / f"{lesson}.ipynb"
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    proc = grader(path, "--json", tmp_path / "grades.json")
+    report = json.loads((tmp_path / "grades.json").read_text())
+    graded = {e["grade_id"]: e for nb in report["notebooks"] for e in nb["exercises"]}
+    assert {gid for gid, e in graded.items() if e["status"] != "passed"} == {"test_blocked_memory"}, proc.stdout
+    assert "T * T" in graded["test_blocked_memory"]["message"]

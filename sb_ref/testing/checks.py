@@ -30,7 +30,7 @@ from torch.autograd.gradcheck import GradcheckError
 from ..layer import StickBreakingSelfAttention
 from ..weights import reverse_exclusive_cumsum as _ref_reverse_exclusive_cumsum
 from ..weights import stick_breaking_weights as _ref_weights
-from .core import REGIMES, LargestAllocation, make_inputs, oracle_attention, rel_err
+from .core import REGIMES, make_inputs, oracle_attention, probed_call, rel_err
 
 __all__ = [
     "check_sigmoid",
@@ -722,9 +722,8 @@ def check_blocked_memory(blocked_attention, *, T=384, block=32, D=16, seed=0):
     check = "check_blocked_memory"
     q, k, v = make_inputs("random", B=1, Hq=1, T=T, D=D, dtype=torch.float32, seed=seed)
     case = _case(q=tuple(q.shape), block=block, dtype=torch.float32)
-    probe = LargestAllocation()
-    with probe:
-        result = _call(check, blocked_attention, (q, k, v, block), {}, case)
+    result, probe = _call(check, probed_call, (blocked_attention, (q, k, v, block)), {}, case,
+                          label=_name(blocked_attention))
     o, rem = _unpack(result, 2, check, blocked_attention, case, ("o", "rem"))
     o_ref, _ = oracle_attention(q, k, v)
     _compare(check, o, o_ref, TOLERANCE[torch.float32], case, what="o",

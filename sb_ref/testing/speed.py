@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .core import LargestAllocation, rel_err
+from .core import probed_call, rel_err
 
 _Event, _record, _elapsed, _synchronize = (torch.cuda.Event, torch.cuda.Event.record,
                                            torch.cuda.Event.elapsed_time, torch.cuda.synchronize)
@@ -78,11 +78,7 @@ def time_pair(fn, reference, args, rounds=3):
 
 def largest_allocation(fn, args):
     """Elements of the largest tensor ``fn(*args)`` allocates (see :class:`~sb_ref.testing.LargestAllocation`)."""
-    if _remote(fn):
-        return _remote(fn)(f"{__name__}:largest_allocation", args)
-    with LargestAllocation() as probe:
-        fn(*args)
-    return probe.numel
+    return probed_call(fn, args)[1].numel
 
 
 @contextmanager
