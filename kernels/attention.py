@@ -178,7 +178,8 @@ def _seq_bounds(CU, i_n, T, VARLEN: tl.constexpr):
 @triton.jit
 def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_lo, nb_hi, qk_scale,
                D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
+               SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -213,7 +214,8 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
                 s_ob, s_oh, s_ot, s_od,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                 VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
+                SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # heaviest (last) query blocks first; axis 1 enumerates (batch, sequence, head)
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -243,15 +245,18 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
     nb_hi = tl.where(m0 < seq_end, tl.cdiv(tl.minimum(m0 + BLOCK_M, seq_end) - seq_start, BLOCK_N), 0)
     nb_full = tl.minimum((m0 - seq_start) // BLOCK_N, nb_hi)
     b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, nb_hi,
-                          qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
+                          qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+                          SCAN_L, SCAN_DL,
                           BLOCK_N, BLOCK_D, BLOCK_DV)
     b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, 0, nb_full,
-                          qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
+                          qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+                          SCAN_L, SCAN_DL,
                           BLOCK_N, BLOCK_D, BLOCK_DV)
 
     o_dv = tl.arange(0, BLOCK_DV)
     p_o = O + o_m[:, None] * s_ot + o_dv[None, :] * s_od
-    tl.store(p_o, _round(b_o, O.dtype.element_ty, UPCAST).to(O.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < DV))
+    b_o = _round(b_o, O.dtype.element_ty, UPCAST)
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < DV))
     # the remainder is what the stick still holds after every visible key
     tl.store(REM + o_m, tl.exp2(b_s), mask=m_m)
 
@@ -264,7 +269,8 @@ def _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, 
               seq_start, seq_end, nb_lo, nb_hi, qk_scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, STORE_CARRY: tl.constexpr,
               ACC_DQ: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr,
+              SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for it in range(nb_hi - nb_lo):
@@ -313,7 +319,8 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
                    s_dob, s_doh, s_dot, s_dod,
                    H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
+                   SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
     i_bnh = tl.program_id(1)
@@ -351,28 +358,38 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     TRI_DL = _tri(BLOCK_N, 1, True, tl.bfloat16, UPCAST)
 
     # walk 1: carries at the chunk boundaries, then delta_i = sum_j dl_ij (the same float32 dl as walk 2 uses)
+    # (the three flags after DV: MASKED for the diagonal blocks, STORE_CARRY in walk 1, ACC_DQ in walk 2)
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt,
+                               s_vd, o_m,
                                m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK, D, DV, True, True, False,
-                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m,
+                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
+                               BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt,
+                               s_vd, o_m,
                                m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK, D, DV, False, True, False,
-                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
+                               BLOCK_N, BLOCK_D, BLOCK_DV)
     b_delta = b_r
     tl.store(DELTA + o_m, b_delta, mask=m_m)
 
     # walk 2: dq_i = scale * sum_k dz_ik k_k
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd,
+                               s_vt, s_vd,
                                o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK, D, DV, True, False,
-                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd,
+                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L,
+                               SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd,
+                               s_vt, s_vd,
                                o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK, D, DV, False, False,
-                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L,
+                               SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     p_dq = DQ + o_m[:, None] * D + o_d[None, :]
-    tl.store(p_dq, _round(b_dq * scale, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
+    b_dq = _round(b_dq * scale, DQ.dtype.element_ty, UPCAST)
+    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,7 +399,8 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
 def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
                 seq_start, seq_end, mb_lo, mb_hi, qk_scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
+                SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -430,7 +448,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
                      s_dob, s_doh, s_dot, s_dod,
                      H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                      VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
+                     SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # chunk 0 has the most query blocks after it: launch chunks in increasing order
     i_c = tl.program_id(0)
@@ -473,18 +492,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
             off_do = i_b * s_dob + i_h * s_doh
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row,
+                                     DREM + off_row,
                                      DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_lo, mb_full, qk_scale, D, DV, True, ATTEND_CURRENT,
-                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row, DREM + off_row,
+                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
+                                     BLOCK_D, BLOCK_DV)
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row,
+                                     DREM + off_row,
                                      DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_full, mb_end, qk_scale, D, DV, False, ATTEND_CURRENT,
-                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
+                                     BLOCK_D, BLOCK_DV)
         p_dk = DK + o_n[:, None] * D + o_d[None, :]
-        tl.store(p_dk, _round(b_dk * scale, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
+        b_dk = _round(b_dk * scale, DK.dtype.element_ty, UPCAST)
+        tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
         p_dv = DV_ + o_n[:, None] * DV + o_dv[None, :]
-        tl.store(p_dv, _round(b_dv, DV_.dtype.element_ty, UPCAST).to(DV_.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
+        b_dv = _round(b_dv, DV_.dtype.element_ty, UPCAST)
+        tl.store(p_dv, b_dv.to(DV_.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,12 +534,13 @@ MIN_CHUNK = {"interpret": 64, "gpu": 128}
 
 
 def _config(kernel, block_d, dtype, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts, scan parts, launch options) for one kernel."""
     if INTERPRET or device.type != "cuda":
         cfg = CONFIGS["interpret"][kernel]
     elif dtype == torch.float32:
         cfg = CONFIGS["float32"][kernel]
     else:
-        cfg = CONFIGS[max(64, block_d)][kernel]
+        cfg = CONFIGS[min(256, max(64, block_d))][kernel]
     # float32 keeps the exact float32 scan; an optional 7th entry caps the registers per thread (ptxas maxnreg)
     scans = (0, 0) if dtype == torch.float32 else cfg[4:6]
     return cfg[:4] + scans + ({"maxnreg": cfg[6]} if len(cfg) > 6 else {},)
@@ -546,7 +572,8 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("fwd", c["block_d"], q.dtype, q.device)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("fwd", max(c["block_d"], c["block_dv"]), q.dtype,
+                                                            q.device)
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     if grid[0] > 0:
         _fwd_kernel[grid](q, k, v, o, rem, c["cu"], float(scale), T, *q.stride(), *k.stride(), *v.stride(),
@@ -585,18 +612,21 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
                   BLOCK_DV=c["block_dv"])
     if c["max_len"] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", c["block_d"], q.dtype, dev)
+    block = max(c["block_d"], c["block_dv"])
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", block, q.dtype, dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
     _bwd_dq_kernel[grid](q, k, v, do, rem, drem, dq, delta, tw, tr, c["cu"], float(scale), T, chunk, n_chunks,
-                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
+                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn,
+                         SCAN_L=scan_l,
                          SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra, **common)
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dkdv", c["block_d"], q.dtype, dev)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dkdv", block, q.dtype, dev)
     assert chunk % bn == 0
     grid = (n_chunks, B * c["n_seq"] * hk)
     _bwd_dkdv_kernel[grid](q, k, v, do, rem, drem, delta, tw, tr, dk, dv, c["cu"], float(scale), T, chunk,
                            n_chunks, *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm,
-                           BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra, **common)
+                           BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra,
+                           **common)
     return dq, dk, dv
 
 
