@@ -1,12 +1,9 @@
 """sb_ref.testing.speed: tiers on a GPU, proxies without one (never a wall-clock score on a CPU), and the same
 check run by the grader against a notebook's function."""
-import nbformat
 import pytest
 import torch
 import triton
 import triton.language as tl
-from nbformat.v4 import new_code_cell, new_notebook
-
 import sb_ref
 from sb_ref.testing import make_inputs
 from sb_ref.testing.speed import (Score, check_speed, key_elements_loaded, largest_allocation, reference_attention,
@@ -112,6 +109,9 @@ check_speed(fast_attention, reference_attention, make_args, points=2, full_sweep
 ])
 def test_the_grader_runs_the_probes_in_the_notebooks_kernel(tmp_path, monkeypatch, body, points, status):
     """The learner's function is measured where it runs: a quadratic one is caught through the proxy."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
     from autograder.grading import grade_notebook
 
     nb = new_notebook()
