@@ -155,3 +155,21 @@ def test_a_quadratic_blocked_attention_loses_only_the_memory_points(tmp_path):
     graded = {e["grade_id"]: e for nb in report["notebooks"] for e in nb["exercises"]}
     assert {gid for gid, e in graded.items() if e["status"] != "passed"} == {"test_blocked_memory"}, proc.stdout
     assert "T * T" in graded["test_blocked_memory"]["message"]
+
+
+def test_monkeypatching_the_real_checks_in_the_notebook_changes_nothing(tmp_path):
+    lesson = "01_stick_breaking_numpy"
+    nb = nbformat.read(ROOT / "lessons" / lesson / f"{lesson}.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import sb_ref.testing, sb_ref.testing.checks as checks\n"
+        "for name in dir(checks):\n"
+        "    if name.startswith('check_'):\n"
+        "        setattr(checks, name, lambda *a, **k: None)\n"
+        "        setattr(sb_ref.testing, name, lambda *a, **k: None)\n"))
+    nb.cells.insert(0, nb.cells.pop())  # before the tests
+    path = tmp_path / "mallory" / f"{lesson}.ipynb"
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    proc = grader(path, "--json", tmp_path / "grades.json")
+    report = json.loads((tmp_path / "grades.json").read_text())
+    assert report["points"] == 0 and report["max_points"] > 0, proc.stdout

@@ -10,7 +10,7 @@ from autograder.grading import grade_notebook
 
 SOLUTION = "    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION"
 TEST_VISIBLE = "assert torch.equal(double(torch.ones(3)), 2 * torch.ones(3)), 'double(x) must be 2 * x'"
-TEST_HIDDEN = "### BEGIN HIDDEN TESTS\nassert double(torch.tensor(-5.0)) == -10, 'hidden: negative input'\n" \
+TEST_HIDDEN = "### BEGIN HIDDEN TESTS\nassert double(torch.tensor(-5.0)) == -10, 'hidden: negative input (qz7)'\n" \
               "### END HIDDEN TESTS"
 TEST_GRAD = "x = torch.ones(2, requires_grad=True)\ndouble(x).sum().backward()\n" \
             "assert torch.equal(x.grad, 2 * torch.ones(2)), 'gradient of double must be 2'"
@@ -70,7 +70,7 @@ def test_a_wrong_answer_fails_with_the_checks_message(grade):
 def test_hidden_tests_run_only_for_the_instructor(grade):
     nb = lesson("    return 2 * x.abs()")  # wrong only for negative inputs
     assert grade(nb, with_hidden=False)[1]["test_double"][:2] == (2, "passed")
-    assert grade(nb, with_hidden=True)[1]["test_double"] == (0, "failed", "hidden: negative input")
+    assert grade(nb, with_hidden=True)[1]["test_double"] == (0, "failed", "hidden: negative input (qz7)")
 
 
 def test_editing_or_deleting_a_locked_test_cell_changes_nothing(grade):
@@ -126,3 +126,35 @@ def test_a_crashing_native_call_is_contained(grade):
     body = "    import ctypes\n    ctypes.string_at(0)\n    return 2 * x"  # a segmentation fault
     result, ex = grade(lesson(body))
     assert result.points == 0 and {s for _, s, _ in ex.values()} == {"crashed"}
+
+
+def test_the_kernel_never_holds_the_hidden_tests(grade, tmp_path):
+    """The learner's code can search its whole process: the hidden tests' code is not there to find."""
+    found = tmp_path / "found.txt"
+    body = ("    import gc\n"
+            "    needle = 'negative input' + ' (qz7)'  # the hidden test's message, never written whole here\n"
+            "    def strings(o):\n"
+            "        items = o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()\n"
+            "        return [s for s in items if isinstance(s, str)]\n"
+            "    hits = sum(needle in s and s != needle for o in gc.get_objects() for s in strings(o))\n"
+            f"    open({str(found)!r}, 'a').write(str(hits) + '\\n')\n"
+            "    return 2 * x")
+    result, _ = grade(lesson(body))
+    assert result.points == 3
+    assert found.read_text().split() and set(found.read_text().split()) == {"0"}
+    # the search does find the hidden test's words once they have been run in the kernel
+    found.unlink()
+    leak = _cell("# hidden: negative input (qz7)", "leak", locked=True)
+    grade(lesson(body, before=[leak]))
+    assert "0" not in found.read_text().split()
+
+
+def test_a_crash_inside_the_triton_interpreter_is_contained(grade):
+    """An out-of-bounds store through the interpreter takes the kernel process down, not the grader."""
+    kernel = _cell("import os\nos.environ['TRITON_INTERPRET'] = '1'\nimport triton, triton.language as tl\n"
+                   "@triton.jit\ndef scribble(P):\n    tl.store(P + 10**12 + tl.arange(0, 1024), 1.0)\n",
+                   "scribble", solution=True)
+    body = "    if x.requires_grad:\n        scribble[(1,)](x.detach())\n    return 2 * x"
+    _, ex = grade(lesson(body, before=[kernel]))
+    assert ex["test_double"][:2] == (2, "passed")
+    assert ex["test_double_grad"][:2] == (0, "crashed")
