@@ -88,7 +88,10 @@ def trusted_cells(source_nb, with_hidden):
 
 
 def cells_to_run(submission_nb, source_nb, with_hidden):
-    """The code cells to execute, in the submission's order, with trusted cells put back."""
+    """The code cells to execute, in the submission's order, with trusted cells put back.
+
+    Only the trusted copy decides what is a test: a submission's own cells run as plain code, whatever their
+    metadata claims (a cell dressed up as a graded test earns nothing)."""
     trusted = trusted_cells(source_nb, with_hidden)
     seen, cells = set(), []
     for cell in submission_nb.cells:
@@ -98,6 +101,8 @@ def cells_to_run(submission_nb, source_nb, with_hidden):
                 continue  # a duplicated locked cell is run once
             seen.add(grade_id)
             cell = trusted[grade_id]
+        elif cell.cell_type == "code":
+            cell = nbformat.v4.new_code_cell(cell.source)
         if cell.cell_type == "code":
             cells.append(cell)
     cells += [c for gid, c in trusted.items() if gid not in seen and is_test_cell(c)]

@@ -158,3 +158,9 @@ def test_a_crash_inside_the_triton_interpreter_is_contained(grade):
     _, ex = grade(lesson(body, before=[kernel]))
     assert ex["test_double"][:2] == (2, "passed")
     assert ex["test_double_grad"][:2] == (0, "crashed")
+
+
+def test_a_cell_dressed_up_as_a_test_earns_nothing(grade):
+    forged = _cell("pass", "test_bonus", grade=True, locked=True, points=100)
+    result, ex = grade(lesson("    return 3 * x", after=[forged]))
+    assert set(ex) == {"test_double", "test_double_grad"} and (result.points, result.max_points) == (0, 3)
