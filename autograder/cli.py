@@ -16,7 +16,8 @@ nothing), calling into the notebook's functions. Hidden tests run only with --wi
 """
 
 EPILOG = """\
-exit status: 0 when grading ran, whatever the score; 2 when it could not (a bad argument or path).
+exit status: 0 when grading ran, whatever the score; 2 for a bad argument or path; 1 when a notebook changed
+the grader's own files (autograder/, sb_ref/, solutions/), after which no score could be trusted.
 
 examples:
   python -m autograder                                  grade every lesson in lessons/
@@ -69,6 +70,20 @@ def _display(path):
         return str(path)
 
 
+def _fingerprint():
+    """A digest of everything grading trusts: the grader, the installed sb_ref (checks included), solutions/."""
+    import hashlib
+
+    import sb_ref
+
+    digest = hashlib.sha256()
+    for root in (Path(__file__).resolve().parent, Path(sb_ref.__file__).resolve().parent, SOLUTIONS_DIR):
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and ".ipynb_checkpoints" not in path.parts:
+                digest.update(str(path).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _device():
     import torch
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -95,6 +110,7 @@ def main(argv=None):
 
     device = _device()
     on_gpu = device != "cpu"
+    trusted = _fingerprint()
     grades = []
     print(f"Grading {len(notebooks)} notebook(s) on {device}"
           f"{', hidden tests included' if args.with_hidden else ''}:", file=sys.stderr, flush=True)
@@ -112,6 +128,11 @@ def main(argv=None):
                                        rss_limit_mb=args.memory_mb if on_gpu else 0)
             except Exception as exc:  # an unreadable notebook, a kernel that cannot start: this notebook only
                 grade = NotebookGrade(str(path), label, error=f"could not be graded: {type(exc).__name__}: {exc}")
+        if _fingerprint() != trusted:  # learner code wrote into the grader's own files: nothing after is sound
+            print(f"\nerror: grading {_display(path)} changed the grader's files (autograder/, sb_ref/ or "
+                  "solutions/). Restore them (git status, git checkout) and grade again; that submission "
+                  "tampered with the grader.", file=sys.stderr)
+            return 1
         grades.append(grade)
         print(f" {grade.points:g}/{grade.max_points:g} points ({grade.seconds:.0f} s)", file=sys.stderr, flush=True)
     print(table(grades))

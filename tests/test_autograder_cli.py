@@ -173,3 +173,20 @@ def test_monkeypatching_the_real_checks_in_the_notebook_changes_nothing(tmp_path
     proc = grader(path, "--json", tmp_path / "grades.json")
     report = json.loads((tmp_path / "grades.json").read_text())
     assert report["points"] == 0 and report["max_points"] > 0, proc.stdout
+
+
+def test_a_submission_that_rewrites_the_grader_stops_grading(tmp_path):
+    """Learner code can write files; if it touches what grading trusts, grading stops instead of going on."""
+    sandbox = tmp_path / "course"
+    shutil.copytree(ROOT / "autograder", sandbox / "autograder")
+    shutil.copytree(ROOT / "solutions" / "00_setup", sandbox / "solutions" / "00_setup")
+    lesson = "00_setup"
+    nb = nbformat.read(ROOT / "lessons" / lesson / f"{lesson}.ipynb", as_version=4)
+    target = sandbox / "solutions" / lesson / f"{lesson}.ipynb"
+    nb.cells.insert(0, nbformat.v4.new_code_cell(f"open({str(target)!r}, 'a').write(' ')"))
+    path = tmp_path / "eve" / f"{lesson}.ipynb"
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    proc = grader(path, cwd=sandbox)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "changed the grader's files" in proc.stderr and "tampered" in proc.stderr
