@@ -91,6 +91,15 @@ def _validate(q, k, v, scale, attend_current, cu_seqlens, return_remainder, back
     return bounds
 
 
+def _triton_op():
+    try:
+        from .kernels import stick_breaking_attention_triton
+    except ImportError as exc:
+        raise ImportError(f"the Triton backend needs the triton package, which could not be imported ({exc}). "
+                          "Install it (pip install 'triton>=3.2', Linux) or use backend='torch'.") from exc
+    return stick_breaking_attention_triton
+
+
 def _choose_backend(backend, q):
     if backend != "auto":
         return backend
@@ -136,8 +145,7 @@ def stick_breaking_attention(q, k, v, *, scale=None, attend_current=False, cu_se
         o = q.new_zeros(B, Hq, 0, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
         rem = torch.zeros(B, Hq, 0, dtype=rem_dtype, device=q.device)
     elif _choose_backend(backend, q) == "triton":
-        from .kernels import stick_breaking_attention_triton
-        o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens)
+        o, rem = _triton_op()(q, k, v, scale, attend_current, cu_seqlens)
     else:
         o, rem = StickBreakingFunction.apply(q, k, v, scale, attend_current, bounds, DEFAULT_BLOCK)
     return (o, rem) if return_remainder else o

@@ -125,3 +125,20 @@ def test_layer_rejects_bad_input_shape():
     layer = sb_ref.StickBreakingSelfAttention(12, 4)
     expect(ValueError, ["x", "(B, T, 12)"], layer, torch.randn(2, 5, 8))
     expect(ValueError, ["x"], layer, torch.randn(5, 12))
+
+
+def test_a_missing_triton_is_named_with_the_way_out(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "triton" or name.startswith("triton.") or (level and name == "kernels"):
+            raise ModuleNotFoundError("No module named 'triton'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delitem(__import__("sys").modules, "sb_ref.kernels", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    q, k, v = qkv()
+    expect(ImportError, ["triton", "backend='torch'"], sba, q, k, v, backend="triton")
