@@ -8,7 +8,6 @@ they left from.
 The kernel side (:func:`serve_call`, :func:`serve_backward`) runs inside the learner's kernel.
 """
 import importlib
-import traceback
 
 import numpy as np
 import torch

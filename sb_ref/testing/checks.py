@@ -19,7 +19,6 @@ The keyword arguments (``seed``, sizes, regimes) give the hidden variants used i
 import contextlib
 import functools
 import io
-import math
 import warnings
 
 import numpy as np
