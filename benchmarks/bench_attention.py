@@ -73,55 +73,114 @@ def flex_fwd(q, k, v):
 
 CANDIDATES = {
     # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl[, maxnreg]):
-    # see kernels/attention.py. Earlier sweeps (results/) tried larger tiles, which spill, and 2 or 8 warps.
+    # see kernels/attention.py. Earlier sweeps (results/) found larger tiles spilling and 2 warps slower.
     128: {
-        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 4, 4, 2, 3, 168), (64, 32, 4, 3, 2, 3, 184)],
-        "dq": [(64, 32, 4, 2, 2, 3), (64, 32, 4, 3, 2, 3), (64, 32, 4, 3, 2, 3, 168)],
-        "dkdv": [(32, 32, 4, 3, 2, 3), (32, 32, 4, 4, 2, 3), (32, 32, 4, 3, 2, 3, 168)],
+        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 4, 4, 2, 3, 168), (64, 32, 4, 3, 2, 3, 184),
+                (64, 16, 4, 3, 2, 3, 168)],
+        "dq": [(128, 32, 8, 2, 2, 3), (128, 32, 8, 3, 2, 3), (128, 16, 8, 3, 2, 3), (64, 32, 4, 2, 2, 3),
+               (128, 32, 8, 2, 2, 3, 128)],
+        "dkdv": [(32, 32, 4, 4, 2, 3), (16, 32, 4, 4, 2, 3), (16, 64, 4, 3, 2, 3), (32, 64, 8, 3, 2, 3),
+                 (32, 32, 4, 4, 2, 3, 168), (64, 32, 8, 3, 2, 3)],
     },
     64: {
         "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 4, 4, 2, 3, 168)],
-        "dq": [(64, 32, 4, 2, 2, 3), (64, 32, 4, 3, 2, 3)],
-        "dkdv": [(32, 32, 4, 3, 2, 3), (32, 32, 4, 2, 2, 3)],
+        "dq": [(64, 32, 4, 3, 2, 3), (128, 32, 8, 2, 2, 3), (128, 32, 8, 3, 2, 3)],
+        "dkdv": [(32, 32, 4, 3, 2, 3), (32, 32, 4, 4, 2, 3), (16, 64, 4, 3, 2, 3), (32, 64, 8, 3, 2, 3)],
     },
 }
 
 
-def sweep(D):
-    """Times the candidate tiles of each kernel at (4, 12, 4096, D) and keeps the fastest in K.CONFIGS."""
+def _problem(D):
     B, H, T = (4, 12, 4096) if D == 128 else (8, 16, 4096)
     q, k, v = inputs(B, H, T, D)
     scale = D ** -0.5
     o, rem = K._forward(q, k, v, scale, False, None)
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
+    c = K._common(q, k, v, None)
+    dq, delta_g, tw, tr, chunk = K._backward_dq(c, do, drem, q, k, v, rem, scale, False)
+    # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
+    return {"fwd": lambda: K._forward(q, k, v, scale, False, None),
+            "dq": lambda: K._backward_dq(c, do, drem, q, k, v, rem, scale, False),
+            "dkdv": lambda: K._backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, False)}
+
+
+def sweep(D):
+    """Times the candidate tiles of each kernel on its own at (4, 12, 4096, D) and keeps the fastest in
+    K.CONFIGS."""
+    run = _problem(D)
     lines = []
     for kernel, options in CANDIDATES[D].items():
         best = None
         for cfg in options:
             K.CONFIGS[D][kernel] = cfg
             try:
-                if kernel == "fwd":
-                    t = ms(lambda: K._forward(q, k, v, scale, False, None))
-                else:
-                    t = ms(lambda: K._backward(do, drem, q, k, v, rem, scale, False, None))
+                t = ms(run[kernel])
             except Exception as e:  # out of resources for this shape
                 lines.append(f"D={D} {kernel} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
                 print(lines[-1], flush=True)
                 continue
-            lines.append(f"D={D} {kernel} {cfg}: {t:.3f} ms" + ("" if kernel == "fwd" else " (whole backward)"))
+            ck = K.COMPILED[kernel]
+            lines.append(f"D={D} {kernel} {cfg}: {t:.3f} ms  ({ck.n_regs} registers, {ck.n_spills} spills)")
             print(lines[-1], flush=True)
             if best is None or t < best[0]:
                 best = (t, cfg)
         K.CONFIGS[D][kernel] = best[1]
         lines.append(f"D={D} {kernel}: best {best[1]}")
         print(lines[-1], flush=True)
-    # what the hi/lo split of dz costs
-    K.SPLIT["dz"] = False
-    t = ms(lambda: K._backward(do, drem, q, k, v, rem, scale, False, None))
-    K.SPLIT["dz"] = True
-    lines.append(f"D={D} backward without the dz split: {t:.3f} ms")
-    print(lines[-1], flush=True)
+    return lines
+
+
+def _sass_histogram(kernel):
+    """Static count of each machine instruction (opcode without modifiers) in a compiled kernel."""
+    counts = {}
+    for line in kernel.asm["sass"].splitlines():
+        part = line.split("*/", 1)[-1].strip()
+        if not part or part.startswith(("/*", ".", "//")) or not line.strip().startswith("/*"):
+            continue
+        words = part.replace(";", "").split()
+        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+        op = op.split(".")[0]
+        if op.isupper():
+            counts[op] = counts.get(op, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
+
+
+def ablations(D=128):
+    """What each piece of the kernels costs: the chosen tiles timed with one piece swapped for a cheaper
+    (less accurate) one, for measurement only; and the machine code's instruction mix."""
+    run = _problem(D)
+    lines = []
+
+    def timed(label):
+        for kernel in ("fwd", "dq", "dkdv"):
+            try:
+                lines.append(f"D={D} {label:34s} {kernel}: {ms(run[kernel]):.3f} ms")
+            except Exception as e:
+                lines.append(f"D={D} {label:34s} {kernel}: failed ({type(e).__name__}: {str(e)[:80]})")
+            print(lines[-1], flush=True)
+
+    timed("as chosen")
+    for kernel in ("fwd", "dq", "dkdv"):
+        ck = K.COMPILED[kernel]
+        try:
+            hist = _sass_histogram(ck)
+            lines.append(f"D={D} {kernel} machine code: {ck.n_regs} registers, {ck.n_spills} spills, "
+                         f"{ck.metadata.shared} B shared; " + ", ".join(f"{op} {n}" for op, n in hist[:28]))
+        except Exception as e:  # no disassembler on this machine
+            lines.append(f"D={D} {kernel}: no machine code ({type(e).__name__}: {str(e)[:80]})")
+        print(lines[-1], flush=True)
+    saved = dict(K.CONFIGS[D])
+    K.SPLIT["a"] = K.SPLIT["dz"] = False
+    timed("no hi/lo split of A, dz, beta")
+    K.SPLIT["a"] = K.SPLIT["dz"] = True
+    for kernel in ("fwd", "dq", "dkdv"):
+        K.CONFIGS[D][kernel] = saved[kernel][:5] + (2,) + saved[kernel][6:]
+    timed("dl scanned in 2 parts, not 3")
+    for kernel in ("fwd", "dq", "dkdv"):
+        K.CONFIGS[D][kernel] = saved[kernel][:4] + (0,) + saved[kernel][5:]
+    timed("log(1-beta) by tl.cumsum")
+    K.CONFIGS[D].update(saved)
     return lines
 
 
@@ -143,11 +202,13 @@ def main():
     ap.add_argument("--out", default=None, help="Markdown file to write (default benchmarks/results/<date>.md)")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles once per shape)")
     ap.add_argument("--sweep", action="store_true", help="tune tile configurations first")
+    ap.add_argument("--ablate", action="store_true", help="time the kernels with cheaper pieces swapped in")
     ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend
 
     sweep_lines = (sweep(128) + sweep(64)) if args.sweep else []
+    sweep_lines += ablations(128) if args.ablate else []
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     rows = []
     for B, H, T, D in shapes:
@@ -187,7 +248,8 @@ def main():
           "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl)", "",
           "## Speed (causal, bf16, median of do_bench)", "",
           "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",
-          "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs flash |",
+          "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s "
+          "| fwd+bwd vs flash |",
           "|---|---|---|---|---|---|---|---|"]
     for shape, name, t_f, tf_f, t_fb, tf_fb, rf, rfb in rows:
         md.append(f"| {shape} | {name} | {t_f:.3f} | {tf_f:.1f} | {rf:.2f}x | {t_fb:.3f} | {tf_fb:.1f} | {rfb:.2f}x |")
@@ -197,7 +259,8 @@ def main():
     for dt, regime, e in acc:
         md.append(f"| {dt} | {regime} | " + " | ".join(f"{e[n]:.2e}" for n in ("o", "rem", "dq", "dk", "dv")) + " |")
     if sweep_lines:
-        md += ["", "## Tile sweep at (4, 12, 4096, 128) and (8, 16, 4096, 64)", "", "```"] + sweep_lines + ["```"]
+        md += ["", "## Tile sweep and ablations at (4, 12, 4096, 128) and (8, 16, 4096, 64)", "", "```"]
+        md += sweep_lines + ["```"]
     text = "\n".join(md) + "\n"
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_{now[:10]}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

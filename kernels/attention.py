@@ -9,9 +9,9 @@ The story, in the order of this file (kernels/README.md has the derivations):
 2. ``_fwd_kernel``: a program owns a query block and walks key blocks from the diagonal back to the start of its
    sequence, carrying per row S = sum of log(1 - beta) over the keys already visited. Inside a tile
    log A = log beta + S + (reverse exclusive cumsum of log(1 - beta) along the keys), all in base 2.
-3. ``_bwd_dq_kernel`` (query-major): walk 1 recomputes dl = A * (dO . v) and stores, at every chunk boundary, the
-   carries (W, R) = (sum log(1 - beta), sum dl) of the keys right of the boundary; at the end delta = sum dl.
-   Walk 2 recomputes the tiles once more and accumulates dq with C = delta - R.
+3. ``_bwd_dq_kernel`` (query-major): one walk recomputes dl = A * (dO . v) and accumulates dq; the part of dq that
+   needs the dl of keys not yet walked goes through a carried X = sum beta k. It stores, at every chunk boundary,
+   the carries (W, R) = (sum log(1 - beta), sum dl) of the keys right of the boundary; at the end delta = sum dl.
 4. ``_bwd_dkdv_kernel`` (key-major): one program per (chunk of keys, kv-head) walks its key blocks right to left;
    for each, all later query blocks of every q-head of the GQA group. The carries of the query rows come from
    the chunk's slice of the table, which this program alone reads and rewrites: no atomics, deterministic.
@@ -35,28 +35,39 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # 1. log(beta) and log(1 - beta) without log(sigmoid)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _log2_1p(e, SHORT: tl.constexpr):
+    """log2(1 + e) for e in [0, 1] as e * p(e): p interpolates log2(1 + x) / x at Chebyshev points of [0, 1]
+    (degree 9, or 7 under 16-bit inputs, SHORT). Evaluated in float32 it is within 2e-7 (4e-7) of the exact value,
+    relative, down to the smallest e: a proper log1p, with FMAs only (no log, no division, no special-function
+    unit, whose fast log is only absolutely accurate near 1)."""
+    if SHORT:
+        p = e * -0.012077020270226058 + 0.06274843357442705
+        p = p * e - 0.15415200643644766
+        p = p * e + 0.25517634921667565
+        p = p * e - 0.35309635334201506
+        p = p * e + 0.4800124607953494
+        p = p * e - 0.7213067574280064
+        p = p * e + 1.442694724590345
+    else:
+        p = e * -0.0045820817380445075 + 0.02819390732038301
+        p = p * e - 0.08132993201834325
+        p = p * e + 0.15211233805539448
+        p = p * e - 0.22029472994785484
+        p = p * e + 0.28368108271443954
+        p = p * e - 0.35997573047748593
+        p = p * e + 0.4808460805144903
+        p = p * e - 0.7213459716836175
+        p = p * e + 1.4426950331796244
+    return e * p
+
+
+@triton.jit
 def _log_sigmoids(z, SHORT: tl.constexpr):
     """For base-2 logits z = log2(e) * scale * q.k, returns (log2 beta, log2(1 - beta), e, r) with e = exp(-|logit|)
     and r = 1 / (1 + e). Working in base 2 lets every exp be a bare exp2 (the scale absorbs log2(e))."""
     # softplus(x) = max(x, 0) + log1p(e): log beta = -softplus(-x) = min(x, 0) - log1p(e), log(1-beta) = -softplus(x)
     e = tl.exp2(-tl.abs(z))
-    # log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3]: an odd series, float32-exact to s^15 (next term < 2e-9)
-    # and to 1.5e-7 at s^11 (enough under 16-bit inputs, SHORT); it needs no log, whose fast GPU version is only
-    # absolutely accurate near 1 (logits near -8 need a relative 1e-7)
-    s = e / (2.0 + e)
-    s2 = s * s
-    if SHORT:
-        p = s2 * 0.09090909090909091 + 0.1111111111111111
-    else:
-        p = s2 * 0.06666666666666667 + 0.07692307692307693
-        p = p * s2 + 0.09090909090909091
-        p = p * s2 + 0.1111111111111111
-    p = p * s2 + 0.14285714285714285
-    p = p * s2 + 0.2
-    p = p * s2 + 0.3333333333333333
-    p = p * s2 + 1.0
-    # 2 atanh(s), in base 2
-    l1p = 2.8853900817779268 * s * p
+    l1p = _log2_1p(e, SHORT)
     log_beta = tl.minimum(z, 0.0) - l1p
     log_om = -tl.maximum(z, 0.0) - l1p
     # 1 / (1 + e): beta = r for z >= 0 and e * r below (and 1 - beta the other way round); used by the backward
@@ -92,15 +103,19 @@ def _dot_split(a, b, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.c
 
 
 @triton.jit
-def _tri(BLOCK: tl.constexpr, AXIS: tl.constexpr, INCLUSIVE: tl.constexpr, DTYPE: tl.constexpr,
-         UPCAST: tl.constexpr):
-    """The 0/1 matrix that turns a product into a reverse cumsum over keys: x @ U along axis 1, U @ x along 0."""
+def _tri(BLOCK: tl.constexpr, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIVE: tl.constexpr,
+         DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """The 0/1 matrix M that turns a product into a cumsum over keys (x @ M for keys on axis 1, M @ x on axis 0):
+    for each key j, the sum over keys k nearer the query (k > j) or farther (k < j), with or without j itself."""
     o_r = tl.arange(0, BLOCK)[:, None]
     o_c = tl.arange(0, BLOCK)[None, :]
-    if AXIS == 1:
-        m = (o_r >= o_c) if INCLUSIVE else (o_r > o_c)  # U[k, j]: key k is at or after key j
+    # (x @ M)[i, j] = sum_k x[i, k] M[k, j];  (M @ x)[j, i] = sum_k M[j, k] x[k, i]
+    o_k = o_r if AXIS == 1 else o_c
+    o_j = o_c if AXIS == 1 else o_r
+    if NEARER:
+        m = (o_k >= o_j) if INCLUSIVE else (o_k > o_j)
     else:
-        m = (o_c >= o_r) if INCLUSIVE else (o_c > o_r)
+        m = (o_k <= o_j) if INCLUSIVE else (o_k < o_j)
     if UPCAST:
         return m.to(tl.float32)
     else:
@@ -118,8 +133,9 @@ def _tri_dot(part, TRI, acc, AXIS: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _rcumsum(x, TRI, AXIS: tl.constexpr, INCLUSIVE: tl.constexpr, PARTS: tl.constexpr, UPCAST: tl.constexpr):
-    """Reverse cumsum of a float32 tile along the key axis (exclusive or inclusive, as TRI was built).
+def _cumsum(x, TRI, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIVE: tl.constexpr, PARTS: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """Cumsum of a float32 tile along the key axis, over the nearer or the farther keys as TRI was built.
 
     PARTS == 0: tl.cumsum, an exact float32 scan that costs a dozen warp shuffles per element.
     PARTS == 2: x = hi + lo in float16 (22 significant bits) through two tensor-core products with TRI; for
@@ -127,7 +143,8 @@ def _rcumsum(x, TRI, AXIS: tl.constexpr, INCLUSIVE: tl.constexpr, PARTS: tl.cons
     PARTS == 3: x = hi + mid + lo in bfloat16 (24 bits, the full float32 range): for dl, whose scale is the user's.
     """
     if PARTS == 0:
-        c = tl.cumsum(x, axis=AXIS, reverse=True)
+        # keys grow along the axis: the nearer keys are a reverse scan
+        c = tl.cumsum(x, axis=AXIS, reverse=NEARER)
         if not INCLUSIVE:
             c = c - x
     elif PARTS == 2:
@@ -172,6 +189,25 @@ def _seq_bounds(CU, i_n, T, VARLEN: tl.constexpr):
     return seq_start, seq_end
 
 
+@triton.jit
+def _query_block(CU, T, H, N_SEQ, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where a query-major program works: (batch, head, sequence bounds, first query row, key blocks).
+
+    Grid axis 0 enumerates (batch, sequence, head), axis 1 the query blocks, heaviest (last) first: the GPU
+    starts programs in launch order, so every head's longest walks go before anyone's short ones. Key blocks
+    [0, nb_hi) hold every key a row of the block may see; those from nb_full on cross the diagonal."""
+    i_bnh = tl.program_id(0)
+    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    i_h = i_bnh % H
+    i_n = (i_bnh // H) % N_SEQ
+    i_b = i_bnh // (H * N_SEQ)
+    seq_start, seq_end = _seq_bounds(CU, i_n, T, VARLEN)
+    m0 = seq_start + i_m * BLOCK_M
+    nb_hi = tl.where(m0 < seq_end, tl.cdiv(tl.minimum(m0 + BLOCK_M, seq_end) - seq_start, BLOCK_N), 0)
+    nb_full = tl.minimum((m0 - seq_start) // BLOCK_N, nb_hi)
+    return i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. forward
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,7 +235,7 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
                 m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
         # sum over the nearer keys of this tile (k > j): reverse exclusive cumsum
-        b_cum = _rcumsum(b_lom, TRI_L, 1, False, SCAN_L, UPCAST)
+        b_cum = _cumsum(b_lom, TRI_L, 1, True, False, SCAN_L, UPCAST)
         b_a = tl.exp2(b_lb + (b_s[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
@@ -217,16 +253,9 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
                 SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # heaviest (last) query blocks first; axis 1 enumerates (batch, sequence, head)
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bnh = tl.program_id(1)
-    i_h = i_bnh % H
-    i_n = (i_bnh // H) % N_SEQ
-    i_b = i_bnh // (H * N_SEQ)
-    seq_start, seq_end = _seq_bounds(CU, i_n, T, VARLEN)
+    i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
     qk_scale = scale * 1.4426950408889634
-    m0 = seq_start + i_m * BLOCK_M
 
     Q += i_b * s_qb + i_h * s_qh
     K += i_b * s_kb + (i_h // GROUP) * s_kh
@@ -239,11 +268,8 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
     b_q = _load_tile(Q, o_m, tl.arange(0, BLOCK_D), s_qt, s_qd, m_m, D, BLOCK_D, UPCAST)
     b_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     b_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    TRI_L = _tri(BLOCK_N, 1, False, tl.float16, UPCAST)
+    TRI_L = _tri(BLOCK_N, 1, True, False, tl.float16, UPCAST)
 
-    # key blocks [0, nb_hi) hold every key a row of this block may see; those from nb_full on cross the diagonal
-    nb_hi = tl.where(m0 < seq_end, tl.cdiv(tl.minimum(m0 + BLOCK_M, seq_end) - seq_start, BLOCK_N), 0)
-    nb_full = tl.minimum((m0 - seq_start) // BLOCK_N, nb_hi)
     b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, nb_hi,
                           qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
                           SCAN_L, SCAN_DL,
@@ -262,15 +288,15 @@ def _fwd_kernel(Q, K, V, O, REM, CU, scale, T,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. backward, query-major: chunk-boundary carries, delta, and dq
+# 3. backward, query-major: dq, delta and the chunk-boundary carries, in one walk
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
+def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
               seq_start, seq_end, nb_lo, nb_hi, qk_scale, T, CHUNK,
-              D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, STORE_CARRY: tl.constexpr,
-              ACC_DQ: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr,
-              SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
+              SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for it in range(nb_hi - nb_lo):
@@ -281,36 +307,36 @@ def _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, 
         b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
         b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
+        b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
         if MASKED:
             if ATTEND_CURRENT:
                 m_vis = o_n[None, :] <= o_m[:, None]
             else:
                 m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
-        b_cum = _rcumsum(b_lom, TRI_L, 1, False, SCAN_L, UPCAST)
+            b_beta = tl.where(m_vis, b_beta, 0.0)
+        b_cum = _cumsum(b_lom, TRI_L, 1, True, False, SCAN_L, UPCAST)
         b_a = tl.exp2(b_lb + (b_w[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         # dl_ij = dLoss / dlog A_ij = A_ij (dO_i . v_j)
         b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-        if ACC_DQ:
-            # C_ik = sum_{j<k} dl_ij = delta_i - (R_i + sum_{j>=k in tile} dl_ij)
-            b_c = b_delta[:, None] - (b_r[:, None] + _rcumsum(b_dl, TRI_DL, 1, True, SCAN_DL, UPCAST))
-            b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
-            b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
-            b_dz = b_dl * b_om - b_beta * (b_c + b_g[:, None])
-            if MASKED:
-                b_dz = tl.where(m_vis, b_dz, 0.0)
-            b_dq = _dot_split(b_dz, b_k, b_dq, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_dl_sum = tl.sum(b_dl, axis=1)
+        # dz_ik = dl_ik (1 - beta_ik) - beta_ik (C_ik + g_i), C_ik = sum_{j<k} dl_ij: here only the j of this tile
+        b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
+        b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, 1, False, False, SCAN_DL, UPCAST) + b_g[:, None])
+        b_dq = _dot_split(b_dz, b_k, b_dq, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        # ... the j of this tile with the k of the tiles already walked: dl_ij times X_i = sum_k beta_ik k_k
+        b_dq -= b_dl_sum[:, None] * b_x
+        b_x = _dot_split(b_beta, b_k, b_x, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         b_w += tl.sum(b_lom, axis=1)
-        b_r += tl.sum(b_dl, axis=1)
-        if STORE_CARRY:
-            # crossed the left edge of chunk c: (W, R) is now the carry at the right end of chunk c - 1
-            c = (nb * BLOCK_N) // CHUNK
-            m_store = m_m & ((nb * BLOCK_N) % CHUNK == 0) & (nb > 0)
-            tl.store(TW + (c - 1) * T + o_m, b_w, mask=m_store)
-            tl.store(TR + (c - 1) * T + o_m, b_r, mask=m_store)
-    return b_dq, b_w, b_r
+        b_r += b_dl_sum
+        # crossed the left edge of chunk c: (W, R) is now the carry at the right end of chunk c - 1
+        c = (nb * BLOCK_N) // CHUNK
+        m_store = m_m & ((nb * BLOCK_N) % CHUNK == 0) & (nb > 0)
+        tl.store(TW + (c - 1) * T + o_m, b_w, mask=m_store)
+        tl.store(TR + (c - 1) * T + o_m, b_r, mask=m_store)
+    return b_dq, b_x, b_w, b_r
 
 
 @triton.jit
@@ -322,15 +348,8 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
                    SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bnh = tl.program_id(1)
-    i_h = i_bnh % H
-    i_n = (i_bnh // H) % N_SEQ
-    i_b = i_bnh // (H * N_SEQ)
-    seq_start, seq_end = _seq_bounds(CU, i_n, T, VARLEN)
-    # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
+    i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     qk_scale = scale * 1.4426950408889634
-    m0 = seq_start + i_m * BLOCK_M
 
     Q += i_b * s_qb + i_h * s_qh
     K += i_b * s_kb + (i_h // GROUP) * s_kh
@@ -350,43 +369,26 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     b_do = _load_tile(DO, o_m, tl.arange(0, BLOCK_DV), s_dot, s_dod, m_m, DV, BLOCK_DV, UPCAST)
     # g_i = dLoss / dlog rem_i
     b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0)
+    TRI_L = _tri(BLOCK_N, 1, True, False, tl.float16, UPCAST)
+    TRI_C = _tri(BLOCK_N, 1, False, False, tl.float16 if SCAN_DL == 2 else tl.bfloat16, UPCAST)
 
-    nb_hi = tl.where(m0 < seq_end, tl.cdiv(tl.minimum(m0 + BLOCK_M, seq_end) - seq_start, BLOCK_N), 0)
-    nb_full = tl.minimum((m0 - seq_start) // BLOCK_N, nb_hi)
+    # one walk from the diagonal back: W = sum log(1 - beta) and R = sum dl over the keys walked, X = sum beta k;
+    # dq needs C_ik = sum_{j<k} dl_ij, which lies ahead, so each tile adds its dl's share of C through X instead
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    TRI_L = _tri(BLOCK_N, 1, False, tl.float16, UPCAST)
-    TRI_DL = _tri(BLOCK_N, 1, True, tl.bfloat16, UPCAST)
-
-    # walk 1: carries at the chunk boundaries, then delta_i = sum_j dl_ij (the same float32 dl as walk 2 uses)
-    # (the three flags after DV: MASKED for the diagonal blocks, STORE_CARRY in walk 1, ACC_DQ in walk 2)
+    b_x = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt,
-                               s_vd, o_m,
-                               m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK, D, DV, True, True, False,
-                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
-                               BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_r, b_g, K, V, TW, TR, s_kt, s_kd, s_vt,
-                               s_vd, o_m,
-                               m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK, D, DV, False, True, False,
-                               ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL,
-                               BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_delta = b_r
-    tl.store(DELTA + o_m, b_delta, mask=m_m)
-
-    # walk 2: dq_i = scale * sum_k dz_ik k_k
-    b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd,
-                               s_vt, s_vd,
-                               o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK, D, DV, True, False,
-                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L,
-                               SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_dq, b_w, b_r = _dq_inner(b_dq, b_w, b_r, TRI_L, TRI_DL, b_q, b_do, b_delta, b_g, K, V, TW, TR, s_kt, s_kd,
-                               s_vt, s_vd,
-                               o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK, D, DV, False, False,
-                               True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L,
-                               SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK,
+                                    D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK,
+                                    D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    # delta_i = sum_j dl_ij (the same float32 sum the key-major kernel subtracts R from), stored with g added:
+    # C_ik + g_i = (delta_i + g_i) - R_ik
+    tl.store(DELTA + o_m, b_r + b_g, mask=m_m)
     p_dq = DQ + o_m[:, None] * D + o_d[None, :]
     b_dq = _round(b_dq * scale, DQ.dtype.element_ty, UPCAST)
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
@@ -396,7 +398,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
 # 4. backward, key-major: dk and dv, one program per (chunk of keys, kv-head)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
+def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
                 seq_start, seq_end, mb_lo, mb_hi, qk_scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
@@ -412,8 +414,7 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW
         # this chunk's carries for these rows: keys between the key block and the query (or the chunk's right end)
         b_w = tl.load(TW + o_m, mask=m_m, other=0.0)
         b_r = tl.load(TR + o_m, mask=m_m, other=0.0)
-        b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
-        b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0)
+        b_delta_g = tl.load(DELTA + o_m, mask=m_m, other=0.0)
         # tiles are [keys, queries]: the scans run along axis 0
         b_z = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale
         b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
@@ -423,15 +424,16 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW
             else:
                 m_vis = o_n[:, None] < o_m[None, :]
             b_lom = tl.where(m_vis, b_lom, 0.0)
-        b_cum = _rcumsum(b_lom, TRI_L, 0, False, SCAN_L, UPCAST)
+        b_cum = _cumsum(b_lom, TRI_L, 0, True, False, SCAN_L, UPCAST)
         b_a = tl.exp2(b_lb + (b_w[None, :] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         b_dl = b_a * tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-        b_c = b_delta[None, :] - (b_r[None, :] + _rcumsum(b_dl, TRI_DL, 0, True, SCAN_DL, UPCAST))
+        # C_ik + g_i = delta_i + g_i - (R_i + sum_{j>=k in tile} dl_ij)
+        b_cg = b_delta_g[None, :] - (b_r[None, :] + _cumsum(b_dl, TRI_DL, 0, True, True, SCAN_DL, UPCAST))
         b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
         b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
-        b_dz = b_dl * b_om - b_beta * (b_c + b_g[None, :])
+        b_dz = b_dl * b_om - b_beta * b_cg
         if MASKED:
             b_dz = tl.where(m_vis, b_dz, 0.0)
         b_dv = _dot_split(b_a, b_do, b_dv, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
@@ -443,7 +445,7 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, REM, DREM, DELTA, TW
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N_CHUNKS,
                      s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                      s_dob, s_doh, s_dot, s_dod,
                      H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
@@ -451,9 +453,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
                      SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # chunk 0 has the most query blocks after it: launch chunks in increasing order
-    i_c = tl.program_id(0)
-    i_bnh = tl.program_id(1)
+    # axis 0 enumerates (batch, sequence, kv-head), axis 1 the chunks: chunk 0 has the most query blocks after it,
+    # and the GPU starts programs in launch order, so every head's chunk 0 goes first
+    i_bnh = tl.program_id(0)
+    i_c = tl.program_id(1)
     HK = H // GROUP
     i_hk = i_bnh % HK
     i_n = (i_bnh // HK) % N_SEQ
@@ -472,8 +475,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
     DV_ += (i_b * HK + i_hk) * T * DV
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    TRI_L = _tri(BLOCK_N, 0, False, tl.float16, UPCAST)
-    TRI_DL = _tri(BLOCK_N, 0, True, tl.bfloat16, UPCAST)
+    TRI_L = _tri(BLOCK_N, 0, True, False, tl.float16, UPCAST)
+    TRI_DL = _tri(BLOCK_N, 0, True, True, tl.float16 if SCAN_DL == 2 else tl.bfloat16, UPCAST)
 
     for it in range(nkb):
         n0 = c0 + (nkb - 1 - it) * BLOCK_N
@@ -492,15 +495,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
             off_do = i_b * s_dob + i_h * s_doh
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row,
-                                     DREM + off_row,
-                                     DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+                                     TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_lo, mb_full, qk_scale, D, DV, True, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, REM + off_row,
-                                     DREM + off_row,
-                                     DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+                                     TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_full, mb_end, qk_scale, D, DV, False, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
@@ -510,26 +511,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, REM, DREM, DELTA, TW, TR, DK, DV_, CU, scale, 
         p_dv = DV_ + o_n[:, None] * DV + o_dv[None, :]
         b_dv = _round(b_dv, DV_.dtype.element_ty, UPCAST)
         tl.store(p_dv, b_dv.to(DV_.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
+        # the carries this key block wrote are read back by other threads for the next block
+        tl.debug_barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 5. launchers, custom op, autograd
 # ---------------------------------------------------------------------------------------------------------------
 # Tile shapes per kernel, by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts for log(1 - beta),
-# scan parts for dl) -- see _rcumsum; float32 inputs always scan with tl.cumsum. The interpreter uses small mixed
+# scan parts for dl) -- see _cumsum; float32 inputs always scan with tl.cumsum. The interpreter uses small mixed
 # shapes (BLOCK_N != BLOCK_M exercises every diagonal case). benchmarks/bench_attention.py --sweep tunes these.
 CONFIGS = {
     "interpret": {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 64, 4, 1, 2, 3), "dkdv": (32, 64, 4, 1, 2, 3)},
     # measured on an H100 (benchmarks/results/): the elementwise work is register-hungry, small tiles win
     64: {"fwd": (64, 32, 4, 3, 2, 3, 168), "dq": (64, 32, 4, 3, 2, 3), "dkdv": (32, 32, 4, 3, 2, 3)},
-    128: {"fwd": (64, 32, 4, 3, 2, 3, 168), "dq": (64, 32, 4, 3, 2, 3), "dkdv": (32, 32, 4, 3, 2, 3)},
+    128: {"fwd": (64, 32, 4, 3, 2, 3, 168), "dq": (128, 32, 8, 2, 2, 3), "dkdv": (32, 32, 4, 4, 2, 3)},
     256: {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 32, 4, 1, 2, 3), "dkdv": (32, 32, 4, 1, 2, 3)},
     "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
 }
 # 16-bit inputs: carry A (forward, dv) and dz (dq, dk) into the tensor-core products as hi + lo 16-bit parts.
 SPLIT = {"a": True, "dz": True}
+# The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
+COMPILED = {}
 # Chunks of the backward table: at most MAX_CHUNKS per sequence, each a multiple of every block size.
-MAX_CHUNKS = 16
+MAX_CHUNKS = 32
 MIN_CHUNK = {"interpret": 64, "gpu": 128}
 
 
@@ -574,14 +579,12 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     bm, bn, warps, stages, scan_l, scan_dl, extra = _config("fwd", max(c["block_d"], c["block_dv"]), q.dtype,
                                                             q.device)
-    grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
-    if grid[0] > 0:
-        _fwd_kernel[grid](q, k, v, o, rem, c["cu"], float(scale), T, *q.stride(), *k.stride(), *v.stride(),
-                          *o.stride(), H=H, GROUP=c["group"], N_SEQ=c["n_seq"], D=c["D"], DV=c["DV"],
-                          VARLEN=c["varlen"], ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"],
-                          DOT_DTYPE=c["dot_dtype"], PRECISION=c["precision"], SPLIT_A=c["split_a"],
-                          SPLIT_DZ=c["split_dz"], SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn,
-                          BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"], num_warps=warps, num_stages=stages, **extra)
+    grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
+    if grid[1] > 0:
+        COMPILED["fwd"] = _fwd_kernel[grid](
+            q, k, v, o, rem, c["cu"], float(scale), T, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H=H,
+            SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **extra,
+            **_kernel_args(c, attend_current))
     return o, rem
 
 
@@ -593,41 +596,58 @@ def chunk_size(max_len, interpret):
 
 def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
     c = _common(q, k, v, cu_seqlens)
-    B, H, T, D, DV = c["B"], c["H"], c["T"], c["D"], c["DV"]
-    hk = k.shape[1]
-    dev = q.device
+    if c["max_len"] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     drem = drem.to(torch.float32).contiguous()
+    dq, delta_g, tw, tr, chunk = _backward_dq(c, do, drem, q, k, v, rem, scale, attend_current)
+    dk, dv = _backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current)
+    return dq, dk, dv
+
+
+def _kernel_args(c, attend_current):
+    return dict(GROUP=c["group"], N_SEQ=c["n_seq"], D=c["D"], DV=c["DV"], VARLEN=c["varlen"],
+                ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"], DOT_DTYPE=c["dot_dtype"],
+                PRECISION=c["precision"], SPLIT_A=c["split_a"], SPLIT_DZ=c["split_dz"], BLOCK_D=c["block_d"],
+                BLOCK_DV=c["block_dv"])
+
+
+def _backward_dq(c, do, drem, q, k, v, rem, scale, attend_current):
+    """The query-major kernel: dq, delta + g per row and the table of (W, R) carries at the chunk boundaries."""
+    B, H, T = c["B"], c["H"], c["T"]
+    dev = q.device
     chunk = chunk_size(c["max_len"], c["upcast"])
     n_chunks = max(1, triton.cdiv(c["max_len"], chunk))
     # (W, R) carries at the right end of each chunk, per query row; rows left of a boundary keep an empty carry
     tw = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
     tr = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
-    delta = torch.empty(B, H, T, dtype=torch.float32, device=dev)
-    dq = torch.empty(B, H, T, D, dtype=q.dtype, device=dev)
-    dk = torch.empty(B, hk, T, D, dtype=k.dtype, device=dev)
-    dv = torch.empty(B, hk, T, DV, dtype=v.dtype, device=dev)
-    common = dict(GROUP=c["group"], N_SEQ=c["n_seq"], D=D, DV=DV, VARLEN=c["varlen"],
-                  ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"], DOT_DTYPE=c["dot_dtype"],
-                  PRECISION=c["precision"], SPLIT_A=c["split_a"], SPLIT_DZ=c["split_dz"], BLOCK_D=c["block_d"],
-                  BLOCK_DV=c["block_dv"])
-    if c["max_len"] == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    block = max(c["block_d"], c["block_dv"])
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", block, q.dtype, dev)
+    delta_g = torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    dq = torch.empty(B, H, T, c["D"], dtype=q.dtype, device=dev)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", max(c["block_d"], c["block_dv"]), q.dtype, dev)
     assert chunk % bm == 0 and chunk % bn == 0
-    grid = (triton.cdiv(c["max_len"], bm), B * c["n_seq"] * H)
-    _bwd_dq_kernel[grid](q, k, v, do, rem, drem, dq, delta, tw, tr, c["cu"], float(scale), T, chunk, n_chunks,
-                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn,
-                         SCAN_L=scan_l,
-                         SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra, **common)
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dkdv", block, q.dtype, dev)
+    grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
+    COMPILED["dq"] = _bwd_dq_kernel[grid](
+        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["cu"], float(scale), T, chunk, n_chunks, *q.stride(),
+        *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl,
+        num_warps=warps, num_stages=stages, **extra, **_kernel_args(c, attend_current))
+    return dq, delta_g, tw, tr, chunk
+
+
+def _backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current):
+    """The key-major kernel: dk and dv, reading and advancing the table's carries chunk by chunk."""
+    B, H, T = c["B"], c["H"], c["T"]
+    hk = k.shape[1]
+    dk = torch.empty(B, hk, T, c["D"], dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, hk, T, c["DV"], dtype=v.dtype, device=q.device)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dkdv", max(c["block_d"], c["block_dv"]), q.dtype,
+                                                            q.device)
     assert chunk % bn == 0
-    grid = (n_chunks, B * c["n_seq"] * hk)
-    _bwd_dkdv_kernel[grid](q, k, v, do, rem, drem, delta, tw, tr, dk, dv, c["cu"], float(scale), T, chunk,
-                           n_chunks, *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm,
-                           BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra,
-                           **common)
-    return dq, dk, dv
+    n_chunks = tw.shape[2]
+    grid = (B * c["n_seq"] * hk, n_chunks)
+    COMPILED["dkdv"] = _bwd_dkdv_kernel[grid](
+        q, k, v, do, delta_g, tw, tr, dk, dv, c["cu"], float(scale), T, chunk, n_chunks, *q.stride(), *k.stride(),
+        *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps,
+        num_stages=stages, **extra, **_kernel_args(c, attend_current))
+    return dk, dv
 
 
 @torch.library.custom_op("sb_ref::stick_breaking_triton_fwd", mutates_args=())
