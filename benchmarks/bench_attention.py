@@ -75,17 +75,15 @@ CANDIDATES = {
     # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl[, maxnreg]):
     # see kernels/attention.py. Earlier sweeps (results/) found larger tiles spilling and 2 warps slower.
     128: {
-        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 4, 4, 2, 3, 168), (64, 32, 4, 3, 2, 3, 184),
-                (64, 16, 4, 3, 2, 3, 168)],
-        "dq": [(128, 32, 8, 2, 2, 3), (128, 32, 8, 3, 2, 3), (128, 16, 8, 3, 2, 3), (64, 32, 4, 2, 2, 3),
-               (128, 32, 8, 2, 2, 3, 128)],
-        "dkdv": [(32, 32, 4, 4, 2, 3), (16, 32, 4, 4, 2, 3), (16, 64, 4, 3, 2, 3), (32, 64, 8, 3, 2, 3),
-                 (32, 32, 4, 4, 2, 3, 168), (64, 32, 8, 3, 2, 3)],
+        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 4, 3, 2, 3), (128, 32, 8, 3, 2, 3), (64, 64, 4, 3, 2, 3)],
+        "dq": [(128, 32, 8, 3, 2, 3), (128, 32, 8, 2, 2, 3), (64, 32, 4, 3, 2, 3), (128, 64, 8, 2, 2, 3)],
+        "dkdv": [(32, 32, 4, 4, 2, 3), (32, 32, 4, 3, 2, 3), (64, 32, 8, 3, 2, 3), (32, 64, 8, 3, 2, 3),
+                 (16, 64, 4, 3, 2, 3)],
     },
     64: {
-        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 4, 4, 2, 3, 168)],
-        "dq": [(64, 32, 4, 3, 2, 3), (128, 32, 8, 2, 2, 3), (128, 32, 8, 3, 2, 3)],
-        "dkdv": [(32, 32, 4, 3, 2, 3), (32, 32, 4, 4, 2, 3), (16, 64, 4, 3, 2, 3), (32, 64, 8, 3, 2, 3)],
+        "fwd": [(64, 32, 4, 4, 2, 3, 168), (64, 32, 4, 3, 2, 3), (128, 32, 8, 3, 2, 3)],
+        "dq": [(64, 32, 4, 3, 2, 3), (128, 32, 8, 3, 2, 3)],
+        "dkdv": [(32, 32, 4, 4, 2, 3), (64, 32, 8, 3, 2, 3), (32, 64, 8, 3, 2, 3)],
     },
 }
 
@@ -98,11 +96,12 @@ def _problem(D):
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
     c = K._common(q, k, v, None)
-    dq, delta_g, tw, tr, chunk = K._backward_dq(c, do, drem, q, k, v, rem, scale, False)
+    ops = K._operands(c, q, k, v, do, drem, rem)
+    dq, delta_g, tw, tr, chunk = K._backward_dq(c, ops, do, drem, q, k, v, rem, scale, False)
     # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
     return {"fwd": lambda: K._forward(q, k, v, scale, False, None),
-            "dq": lambda: K._backward_dq(c, do, drem, q, k, v, rem, scale, False),
-            "dkdv": lambda: K._backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, False)}
+            "dq": lambda: K._backward_dq(c, ops, do, drem, q, k, v, rem, scale, False),
+            "dkdv": lambda: K._backward_dkdv(c, ops, do, q, k, v, delta_g, tw, tr, chunk, scale, False)}
 
 
 def sweep(D):
@@ -131,55 +130,31 @@ def sweep(D):
     return lines
 
 
-def _sass_histogram(kernel):
-    """Static count of each machine instruction (opcode without modifiers) in a compiled kernel."""
-    counts = {}
-    for line in kernel.asm["sass"].splitlines():
-        part = line.split("*/", 1)[-1].strip()
-        if not part or part.startswith(("/*", ".", "//")) or not line.strip().startswith("/*"):
-            continue
-        words = part.replace(";", "").split()
-        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
-        op = op.split(".")[0]
-        if op.isupper():
-            counts[op] = counts.get(op, 0) + 1
-    return sorted(counts.items(), key=lambda kv: -kv[1])
-
-
 def ablations(D=128):
-    """What each piece of the kernels costs: the chosen tiles timed with one piece swapped for a cheaper
-    (less accurate) one, for measurement only; and the machine code's instruction mix."""
-    run = _problem(D)
+    """What pieces of the kernels cost: the chosen tiles timed with one piece swapped, for measurement only,
+    and each kernel's registers, spills and shared memory."""
     lines = []
 
     def timed(label):
+        run = _problem(D)
         for kernel in ("fwd", "dq", "dkdv"):
             try:
-                lines.append(f"D={D} {label:34s} {kernel}: {ms(run[kernel]):.3f} ms")
+                t = ms(run[kernel])
+                ck = K.COMPILED[kernel]
+                lines.append(f"D={D} {label:36s} {kernel}: {t:.3f} ms  ({ck.n_regs} registers, {ck.n_spills} "
+                             f"spills, {ck.metadata.shared} B shared)")
             except Exception as e:
-                lines.append(f"D={D} {label:34s} {kernel}: failed ({type(e).__name__}: {str(e)[:80]})")
+                lines.append(f"D={D} {label:36s} {kernel}: failed ({type(e).__name__}: {str(e)[:80]})")
             print(lines[-1], flush=True)
 
     timed("as chosen")
-    for kernel in ("fwd", "dq", "dkdv"):
-        ck = K.COMPILED[kernel]
-        try:
-            hist = _sass_histogram(ck)
-            lines.append(f"D={D} {kernel} machine code: {ck.n_regs} registers, {ck.n_spills} spills, "
-                         f"{ck.metadata.shared} B shared; " + ", ".join(f"{op} {n}" for op, n in hist[:28]))
-        except Exception as e:  # no disassembler on this machine
-            lines.append(f"D={D} {kernel}: no machine code ({type(e).__name__}: {str(e)[:80]})")
-        print(lines[-1], flush=True)
+    K.F16_PRODUCTS = False
+    timed("bfloat16 hi/lo pairs, not float16")
+    K.F16_PRODUCTS = True
     saved = dict(K.CONFIGS[D])
-    K.SPLIT["a"] = K.SPLIT["dz"] = False
-    timed("no hi/lo split of A, dz, beta")
-    K.SPLIT["a"] = K.SPLIT["dz"] = True
     for kernel in ("fwd", "dq", "dkdv"):
         K.CONFIGS[D][kernel] = saved[kernel][:5] + (2,) + saved[kernel][6:]
     timed("dl scanned in 2 parts, not 3")
-    for kernel in ("fwd", "dq", "dkdv"):
-        K.CONFIGS[D][kernel] = saved[kernel][:4] + (0,) + saved[kernel][5:]
-    timed("log(1-beta) by tl.cumsum")
     K.CONFIGS[D].update(saved)
     return lines
 

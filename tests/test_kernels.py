@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import attention, rel_err
+import sb_ref.kernels.attention as K
 from sb_ref.kernels import stick_breaking_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,15 +39,17 @@ def make_inputs(regime, B, Hq, Hk, T, D, Dv, dtype, seed=0, scale=None):
     return q, k, v, scale
 
 
-def run_and_check(q, k, v, scale, attend_current, cu_seqlens=None, seed=1, check_grads=True, label=""):
-    """Forward and backward (through o and rem) against the oracle on the same rounded inputs; returns errors."""
+def run_and_check(q, k, v, scale, attend_current, cu_seqlens=None, seed=1, check_grads=True, label="",
+                  grad_scale=1.0):
+    """Forward and backward (through o and rem) against the oracle on the same rounded inputs; returns errors.
+    The output gradients are N(0, grad_scale^2)."""
     g = torch.Generator().manual_seed(seed)
     q.grad = k.grad = v.grad = None
     o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens)
     assert o.dtype == q.dtype and o.shape == (*q.shape[:-1], v.shape[-1])
     assert rem.dtype == torch.float32 and rem.shape == q.shape[:-1]
-    go = torch.randn(o.shape, generator=g).to(q.dtype).to(q.device)
-    grem = torch.randn(rem.shape, generator=g).to(q.device)
+    go = (grad_scale * torch.randn(o.shape, generator=g)).to(q.dtype).to(q.device)
+    grem = (grad_scale * torch.randn(rem.shape, generator=g)).to(q.device)
     qd, kd, vd = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
     cu = None if cu_seqlens is None else cu_seqlens.cpu()
     ro, rr = attention(qd, kd, vd, scale, attend_current, cu)
@@ -71,6 +74,22 @@ def test_regimes(regime, dtype, attend_current):
     # a length that is no multiple of any block, a non-power-of-two head dim, GQA and Dv != D in one go
     q, k, v, scale = make_inputs(regime, 1, 4, 2, 157, 48, 32, dtype, seed=hash((regime, attend_current)) % 1000)
     run_and_check(q, k, v, scale, attend_current, label=f"{regime} {dtype}")
+
+
+@pytest.mark.parametrize("v_scale,grad_scale", [(1e-5, 1e-6), (3e3, 1e4)])
+def test_bfloat16_far_outside_float16_range(v_scale, grad_scale):
+    # the float16 products take copies of bfloat16 tensors scaled per head, and dz scaled to fit float16
+    q, k, v, scale = make_inputs("random", 1, 4, 2, 96, 64, 64, torch.bfloat16, seed=7)
+    v = (v.detach() * v_scale).requires_grad_()
+    run_and_check(q, k, v, scale, False, grad_scale=grad_scale, label=f"v x {v_scale}, dO x {grad_scale}")
+
+
+@pytest.mark.parametrize("regime", ["random", "saturated"])
+def test_bfloat16_split_products(regime, monkeypatch):
+    # the alternative to float16 products: A and dz as bfloat16 hi + lo pairs
+    monkeypatch.setattr(K, "F16_PRODUCTS", False)
+    q, k, v, scale = make_inputs(regime, 1, 2, 1, 100, 48, 48, torch.bfloat16, seed=5)
+    run_and_check(q, k, v, scale, True, label=f"split {regime}")
 
 
 @pytest.mark.parametrize("D,Dv", [(16, 16), (64, 64), (64, 16), (16, 80)])
