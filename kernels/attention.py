@@ -140,7 +140,9 @@ def _cumsum(x, TRI, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIVE: tl.cons
     PARTS == 0: tl.cumsum, an exact float32 scan that costs a dozen warp shuffles per element.
     PARTS == 2: x = hi + lo in float16 (22 significant bits) through two tensor-core products with TRI; for
                 log(1 - beta), clamped to the float16 range (a key past -6e4 leaves exp(...) = 0 either way).
-    PARTS == 3: x = hi + mid + lo in bfloat16 (24 bits, the full float32 range): for dl, whose scale is the user's.
+    PARTS == 3: x = hi + mid + lo in bfloat16 (24 bits, the full float32 range): for dl, whose scale is the user's,
+                where the sum is later subtracted from a nearly equal total (the key-major kernel's C).
+    PARTS == 4: x = hi + lo in bfloat16 (16 bits): for dl where no such cancellation follows (dq's in-tile C).
     """
     if PARTS == 0:
         # keys grow along the axis: the nearer keys are a reverse scan
@@ -151,6 +153,11 @@ def _cumsum(x, TRI, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIVE: tl.cons
         xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
         hi = xc.to(tl.float16)
         lo = (xc - hi.to(tl.float32)).to(tl.float16)
+        c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
+        c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
+    elif PARTS == 4:
+        hi = x.to(tl.bfloat16)
+        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
         c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
         c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
     else:
@@ -245,7 +252,7 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, REM, CU, SC, scale, T,
+def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
                 s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                 s_ob, s_oh, s_ot, s_od,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
@@ -276,8 +283,8 @@ def _fwd_kernel(Q, K, V, O, REM, CU, SC, scale, T,
     b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, 0, nb_full,
                           qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A,
                           SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
-    # V may be a float16 copy scaled by a power of two (see _operands): undo the scale
-    b_o *= tl.load(SC + (i_b * (H // GROUP) + i_h // GROUP) * 6)
+    # V may be a float16 copy scaled by a power of two (see _v_operand): undo the scale
+    b_o *= tl.load(INV_SCALE_V + i_b * (H // GROUP) + i_h // GROUP)
 
     o_dv = tl.arange(0, BLOCK_DV)
     p_o = O + o_m[:, None] * s_ot + o_dv[None, :] * s_od
@@ -291,12 +298,12 @@ def _fwd_kernel(Q, K, V, O, REM, CU, SC, scale, T,
 # 3. backward, query-major: dq, delta and the chunk-boundary carries, in one walk
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, K16, TW, TR, s_kt, s_kd, s_vt, s_vd, s_k16t,
-              s_k16d, o_m, m_m, seq_start, seq_end, nb_lo, nb_hi, qk_scale, dz_scale, T, CHUNK,
+def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
+              seq_start, seq_end, nb_lo, nb_hi, qk_scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, F16: tl.constexpr,
-              PRECISION: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
+              SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for it in range(nb_hi - nb_lo):
@@ -305,10 +312,6 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, K16, TW, 
         m_n = o_n < seq_end
         b_k = _load_tile(K, o_n, o_d, s_kt, s_kd, m_n, D, BLOCK_D, UPCAST)
         b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
-        if F16:
-            b_k16 = _load_tile(K16, o_n, o_d, s_k16t, s_k16d, m_n, D, BLOCK_D, UPCAST)
-        else:
-            b_k16 = b_k
         b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
         b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
@@ -329,10 +332,10 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, K16, TW, 
         # dz_ik = dl_ik (1 - beta_ik) - beta_ik (C_ik + g_i), C_ik = sum_{j<k} dl_ij: here only the j of this tile
         b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
         b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, 1, False, False, SCAN_DL, UPCAST) + b_g[:, None])
-        b_dq = _dot_split(b_dz * dz_scale, b_k16, b_dq, OP_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_dq = _dot_split(b_dz, b_k, b_dq, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         # ... the j of this tile with the k of the tiles already walked: dl_ij times X_i = sum_k beta_ik k_k
-        b_dq -= (b_dl_sum * dz_scale)[:, None] * b_x
-        b_x = _dot_split(b_beta, b_k16, b_x, OP_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_dq -= b_dl_sum[:, None] * b_x
+        b_x = _dot_split(b_beta, b_k, b_x, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         b_w += tl.sum(b_lom, axis=1)
         b_r += b_dl_sum
         # crossed the left edge of chunk c: (W, R) is now the carry at the right end of chunk c - 1
@@ -344,13 +347,12 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, K16, TW, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, K16, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUNK, N_CHUNKS,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
-                   s_dob, s_doh, s_dot, s_dod, s_k16b, s_k16h, s_k16t, s_k16d,
+                   s_dob, s_doh, s_dot, s_dod,
                    H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-                   SPLIT_DZ: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
                    SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
@@ -359,13 +361,7 @@ def _bwd_dq_kernel(Q, K, V, DO, K16, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale
     Q += i_b * s_qb + i_h * s_qh
     K += i_b * s_kb + (i_h // GROUP) * s_kh
     V += i_b * s_vb + (i_h // GROUP) * s_vh
-    K16 += i_b * s_k16b + (i_h // GROUP) * s_k16h
     DO += i_b * s_dob + i_h * s_doh
-    # products with k may take its float16 copy (see _operands): 1/scale of k, the scale of dz and its inverse
-    SC += (i_b * (H // GROUP) + i_h // GROUP) * 6
-    inv_sk = tl.load(SC + 1)
-    dz_scale = tl.load(SC + 4)
-    inv_dz_scale = tl.load(SC + 5)
     DQ += (i_b * H + i_h) * T * D
     REM += (i_b * H + i_h) * T
     DREM += (i_b * H + i_h) * T
@@ -389,21 +385,19 @@ def _bwd_dq_kernel(Q, K, V, DO, K16, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale
     b_x = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, K16, TW, TR, s_kt,
-                                    s_kd, s_vt, s_vd, s_k16t, s_k16d, o_m, m_m, seq_start, seq_end, nb_full, nb_hi,
-                                    qk_scale, dz_scale, T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
-                                    OP_DTYPE, OP_DTYPE != DOT_DTYPE, PRECISION, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N,
-                                    BLOCK_D, BLOCK_DV)
-    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, K16, TW, TR, s_kt,
-                                    s_kd, s_vt, s_vd, s_k16t, s_k16d, o_m, m_m, seq_start, seq_end, 0, nb_full,
-                                    qk_scale, dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
-                                    OP_DTYPE, OP_DTYPE != DOT_DTYPE, PRECISION, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_N,
-                                    BLOCK_D, BLOCK_DV)
+    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK,
+                                    D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK,
+                                    D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
+                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     # delta_i = sum_j dl_ij (the same float32 sum the key-major kernel subtracts R from), stored with g added:
     # C_ik + g_i = (delta_i + g_i) - R_ik
     tl.store(DELTA + o_m, b_r + b_g, mask=m_m)
     p_dq = DQ + o_m[:, None] * D + o_d[None, :]
-    b_dq = _round(b_dq * (scale * inv_sk * inv_dz_scale), DQ.dtype.element_ty, UPCAST)
+    b_dq = _round(b_dq * scale, DQ.dtype.element_ty, UPCAST)
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
 
 
@@ -411,12 +405,12 @@ def _bwd_dq_kernel(Q, K, V, DO, K16, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale
 # 4. backward, key-major: dk and dv, one program per (chunk of keys, kv-head)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, Q16, DO16, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod,
-                s_q16t, s_q16d, s_do16t, s_do16d, o_n, seq_start, seq_end, mb_lo, mb_hi, qk_scale, dz_scale,
+def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
+                seq_start, seq_end, mb_lo, mb_hi, qk_scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, F16: tl.constexpr,
-                PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr,
-                SCAN_DL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
+                SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for mb in range(mb_lo, mb_hi):
@@ -424,12 +418,6 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, Q16, DO16, DELTA, TW
         m_m = o_m < seq_end
         b_q = _load_tile(Q, o_m, o_d, s_qt, s_qd, m_m, D, BLOCK_D, UPCAST)
         b_do = _load_tile(DO, o_m, o_dv, s_dot, s_dod, m_m, DV, BLOCK_DV, UPCAST)
-        if F16:
-            b_q16 = _load_tile(Q16, o_m, o_d, s_q16t, s_q16d, m_m, D, BLOCK_D, UPCAST)
-            b_do16 = _load_tile(DO16, o_m, o_dv, s_do16t, s_do16d, m_m, DV, BLOCK_DV, UPCAST)
-        else:
-            b_q16 = b_q
-            b_do16 = b_do
         # this chunk's carries for these rows: keys between the key block and the query (or the chunk's right end)
         b_w = tl.load(TW + o_m, mask=m_m, other=0.0)
         b_r = tl.load(TR + o_m, mask=m_m, other=0.0)
@@ -455,8 +443,8 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, Q16, DO16, DELTA, TW
         b_dz = b_dl * b_om - b_beta * b_cg
         if MASKED:
             b_dz = tl.where(m_vis, b_dz, 0.0)
-        b_dv = _dot_split(b_a, b_do16, b_dv, OP_DTYPE, UPCAST, SPLIT_A, PRECISION)
-        b_dk = _dot_split(b_dz * dz_scale, b_q16, b_dk, OP_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_dv = _dot_split(b_a, b_do, b_dv, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
+        b_dk = _dot_split(b_dz, b_q, b_dk, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         # the carry moves left past this key block; the next (left) key block reads it back
         tl.store(TW + o_m, b_w + tl.sum(b_lom, axis=0), mask=m_m)
         tl.store(TR + o_m, b_r + tl.sum(b_dl, axis=0), mask=m_m)
@@ -464,12 +452,12 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, Q16, DO16, DELTA, TW
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, Q16, DO16, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N_CHUNKS,
                      s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
-                     s_dob, s_doh, s_dot, s_dod, s_q16b, s_q16h, s_q16t, s_q16d, s_do16b, s_do16h, s_do16t, s_do16d,
+                     s_dob, s_doh, s_dot, s_dod,
                      H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                      VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
                      SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # axis 0 enumerates (batch, sequence, kv-head), axis 1 the chunks: chunk 0 has the most query blocks after it,
@@ -492,12 +480,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Q16, DO16, DELTA, TW, TR, DK, DV_, CU, SC, sca
     V += i_b * s_vb + i_hk * s_vh
     DK += (i_b * HK + i_hk) * T * D
     DV_ += (i_b * HK + i_hk) * T * DV
-    # products with q and dO may take their float16 copies (see _operands): their 1/scale, the scale of dz
-    SC += (i_b * HK + i_hk) * 6
-    inv_sq = tl.load(SC + 2)
-    inv_sdo = tl.load(SC + 3)
-    dz_scale = tl.load(SC + 4)
-    inv_dz_scale = tl.load(SC + 5)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     TRI_L = _tri(BLOCK_N, 0, True, False, tl.float16, UPCAST)
@@ -518,27 +500,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Q16, DO16, DELTA, TW, TR, DK, DV_, CU, SC, sca
             i_h = i_hk * GROUP + g
             off_q = i_b * s_qb + i_h * s_qh
             off_do = i_b * s_dob + i_h * s_doh
-            off_q16 = i_b * s_q16b + i_h * s_q16h
-            off_do16 = i_b * s_do16b + i_h * s_do16h
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, Q16 + off_q16,
-                                     DO16 + off_do16, DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd,
-                                     s_dot, s_dod, s_q16t, s_q16d, s_do16t, s_do16d, o_n, seq_start, seq_end,
-                                     mb_lo, mb_full, qk_scale, dz_scale, D, DV, True, ATTEND_CURRENT, UPCAST,
-                                     DOT_DTYPE, OP_DTYPE, OP_DTYPE != DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
-                                     SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, Q16 + off_q16,
-                                     DO16 + off_do16, DELTA + off_row, TW + off_tab, TR + off_tab, s_qt, s_qd,
-                                     s_dot, s_dod, s_q16t, s_q16d, s_do16t, s_do16d, o_n, seq_start, seq_end,
-                                     mb_full, mb_end, qk_scale, dz_scale, D, DV, False, ATTEND_CURRENT, UPCAST,
-                                     DOT_DTYPE, OP_DTYPE, OP_DTYPE != DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
-                                     SCAN_L, SCAN_DL, BLOCK_M, BLOCK_D, BLOCK_DV)
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+                                     TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
+                                     seq_start, seq_end, mb_lo, mb_full, qk_scale, D, DV, True, ATTEND_CURRENT,
+                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
+                                     BLOCK_D, BLOCK_DV)
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+                                     TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
+                                     seq_start, seq_end, mb_full, mb_end, qk_scale, D, DV, False, ATTEND_CURRENT,
+                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
+                                     BLOCK_D, BLOCK_DV)
         p_dk = DK + o_n[:, None] * D + o_d[None, :]
-        b_dk = _round(b_dk * (scale * inv_sq * inv_dz_scale), DK.dtype.element_ty, UPCAST)
+        b_dk = _round(b_dk * scale, DK.dtype.element_ty, UPCAST)
         tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
         p_dv = DV_ + o_n[:, None] * DV + o_dv[None, :]
-        b_dv = _round(b_dv * inv_sdo, DV_.dtype.element_ty, UPCAST)
+        b_dv = _round(b_dv, DV_.dtype.element_ty, UPCAST)
         tl.store(p_dv, b_dv.to(DV_.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
         # the carries this key block wrote are read back by other threads for the next block
         tl.debug_barrier()
@@ -551,16 +529,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Q16, DO16, DELTA, TW, TR, DK, DV_, CU, SC, sca
 # scan parts for dl) -- see _cumsum; float32 inputs always scan with tl.cumsum. The interpreter uses small mixed
 # shapes (BLOCK_N != BLOCK_M exercises every diagonal case). benchmarks/bench_attention.py --sweep tunes these.
 CONFIGS = {
-    "interpret": {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 64, 4, 1, 2, 3), "dkdv": (32, 64, 4, 1, 2, 3)},
+    "interpret": {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 64, 4, 1, 2, 4), "dkdv": (32, 64, 4, 1, 2, 3)},
     # measured on an H100 (benchmarks/results/): the elementwise work is register-hungry, small tiles win
-    64: {"fwd": (64, 32, 4, 4, 2, 3, 168), "dq": (64, 32, 4, 3, 2, 3), "dkdv": (32, 32, 4, 4, 2, 3)},
-    128: {"fwd": (64, 32, 4, 3, 2, 3, 168), "dq": (128, 32, 8, 3, 2, 3), "dkdv": (32, 32, 4, 4, 2, 3)},
-    256: {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 32, 4, 1, 2, 3), "dkdv": (32, 32, 4, 1, 2, 3)},
+    64: {"fwd": (64, 32, 4, 4, 2, 3, 168), "dq": (64, 32, 4, 3, 2, 4), "dkdv": (32, 32, 4, 4, 2, 3)},
+    128: {"fwd": (64, 32, 4, 3, 2, 3, 168), "dq": (128, 32, 8, 3, 2, 4), "dkdv": (32, 32, 4, 3, 2, 3)},
+    256: {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 32, 4, 1, 2, 4), "dkdv": (32, 32, 4, 1, 2, 3)},
     "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
 }
-# 16-bit inputs: the products that carry weights or gradients (A v, A^T dO, dz k, dz^T q, beta k) are single
-# float16 tensor-core products, bfloat16 inputs entering them as float16 copies scaled by a power of two
-# (_operands). With F16_PRODUCTS off, A and dz (and beta) go in as bfloat16 hi + lo pairs instead (SPLIT).
+# 16-bit inputs, forward: A v is a single float16 product, bfloat16 v entering as a float16 copy scaled per
+# kv-head by a power of two (_v_operand); with F16_PRODUCTS off, A goes in as a bfloat16 hi + lo pair instead.
+# Backward: A (for dv) and dz (for dq, dk) always go in as hi + lo pairs of the input dtype (SPLIT).
 F16_PRODUCTS = True
 SPLIT = {"a": True, "dz": True}
 # The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
@@ -599,58 +577,27 @@ def _common(q, k, v, cu_seqlens):
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[q.dtype]
     precision = "tf32" if (q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     half = q.dtype != torch.float32
-    f16 = half and F16_PRODUCTS
     return dict(B=B, H=H, T=T, D=D, DV=DV, group=group, n_seq=n_seq, max_len=max_len, cu=cu, block_d=block_d,
                 block_dv=block_dv, upcast=upcast, dot_dtype=dot_dtype, precision=precision,
-                varlen=cu_seqlens is not None, f16=f16, copy=f16 and q.dtype == torch.bfloat16,
-                op_dtype=tl.float16 if f16 else dot_dtype, split_a=half and not f16 and SPLIT["a"],
-                split_dz=half and not f16 and SPLIT["dz"])
+                varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half and SPLIT["a"],
+                split_dz=half and SPLIT["dz"])
 
 
-def _pow2_scale(amax):
-    """Powers of two s with amax * s in [2^13, 2^14): 1 where amax is 0 or not finite."""
+def _v_operand(c, v):
+    """The forward's v operand and a table (B, Hk) of the inverse scales to apply to o.
+
+    With float16 products and bfloat16 inputs: v * s in float16, s a power of two per (batch, kv-head) that puts
+    the head's largest magnitude in [2^13, 2^14), so bfloat16 values keep every bit (only values 2^28 times
+    smaller than the largest reach float16's subnormals, where they keep an absolute accuracy of 2^-39 of it).
+    Otherwise v itself and ones."""
+    B, hk = v.shape[:2]
+    if not (c["f16"] and v.dtype == torch.bfloat16):
+        return v, torch.ones(B, hk, dtype=torch.float32, device=v.device)
+    amax = torch.linalg.vector_norm(v.detach().reshape(B, hk, -1), ord=float("inf"), dim=-1, dtype=torch.float32)
+    # where v holds inf or NaN the copy is not scaled: those propagate as they would anyway
     ok = (amax > 0) & torch.isfinite(amax)
-    return torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
-
-
-def _group_amax(x, group):
-    """Largest finite magnitude of x (B, H, T[, D]) per batch and group of `group` heads: (B, H // group)."""
-    a = torch.nan_to_num(x.detach().abs().float(), 0.0, 0.0, 0.0)
-    return a.reshape(x.shape[0], x.shape[1] // group, -1).amax(-1)
-
-
-def _scaled_copy(x, s, group):
-    """x * s in float16, s a power of two per batch and group of heads: bfloat16 values keep every bit (their
-    largest magnitude lands in [2^13, 2^14); only values 2^28 times smaller reach float16's subnormals)."""
-    return (x.detach() * s.repeat_interleave(group, 1)[:, :, None, None].to(x.dtype)).to(torch.float16)
-
-
-def _operands(c, q, k, v, do=None, drem=None, rem=None):
-    """The operands of the float16 products and a table SC (B, Hk, 6) of scales per kv-head (a GQA group
-    shares them, since dk and dv sum over the group): 1/s_v, 1/s_k, 1/s_q, 1/s_dO, then s_dz and 1/s_dz, where
-    s_dz keeps dz in float16 range: |dz_ik| <= 2 |dO_i| max_k |v_k| + |g_i|. Forward: (v_op, SC); backward:
-    (k_op, q_op, do_op, SC). Without float16 products, or for float16 inputs, the operands are the inputs."""
-    B, hk, group = c["B"], k.shape[1], c["group"]
-    sc = torch.ones(B, hk, 6, dtype=torch.float32, device=q.device)
-    if do is None:
-        if not c["copy"]:
-            return v, sc
-        s_v = _pow2_scale(_group_amax(v, 1))
-        sc[..., 0] = 1.0 / s_v
-        return _scaled_copy(v, s_v, 1), sc
-    ops = [k, q, do]
-    if c["copy"]:
-        for i, (x, g) in enumerate(((k, 1), (q, group), (do, group))):
-            s_x = _pow2_scale(_group_amax(x, g))
-            sc[..., 1 + i] = 1.0 / s_x
-            ops[i] = _scaled_copy(x, s_x, g)
-    if c["f16"]:
-        norm_do = _group_amax(torch.linalg.vector_norm(do, dim=-1, dtype=torch.float32), group)
-        norm_v = _group_amax(torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32), 1)
-        s_dz = _pow2_scale(2.0 * norm_do * norm_v + _group_amax(drem * rem, group))
-        sc[..., 4] = s_dz
-        sc[..., 5] = 1.0 / s_dz
-    return ops + [sc]
+    s = torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
+    return (v.detach() * s[:, :, None, None].to(v.dtype)).to(torch.float16), 1.0 / s
 
 
 def _forward(q, k, v, scale, attend_current, cu_seqlens):
@@ -662,12 +609,12 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
                                                             q.device)
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
     if grid[1] > 0:
-        v_op, sc = _operands(c, q, k, v)
+        v_op, inv_scale = _v_operand(c, v)
         COMPILED["fwd"] = _fwd_kernel[grid](
-            q, k, v_op, o, rem, c["cu"], sc, float(scale), T, *q.stride(), *k.stride(), *v_op.stride(), *o.stride(),
-            H=H,
-            SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **extra,
-            **_kernel_args(c, attend_current))
+            q, k, v_op, o, rem, c["cu"], inv_scale, float(scale), T, *q.stride(), *k.stride(), *v_op.stride(),
+            *o.stride(), H=H, SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], **extra,
+            **_kernel_args(c, attend_current, split_a=c["split_a"] and not c["f16"]))
     return o, rem
 
 
@@ -682,21 +629,19 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
     if c["max_len"] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     drem = drem.to(torch.float32).contiguous()
-    ops = _operands(c, q, k, v, do, drem, rem)
-    dq, delta_g, tw, tr, chunk = _backward_dq(c, ops, do, drem, q, k, v, rem, scale, attend_current)
-    dk, dv = _backward_dkdv(c, ops, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current)
+    dq, delta_g, tw, tr, chunk = _backward_dq(c, do, drem, q, k, v, rem, scale, attend_current)
+    dk, dv = _backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current)
     return dq, dk, dv
 
 
-def _kernel_args(c, attend_current):
+def _kernel_args(c, attend_current, split_a=None):
     return dict(GROUP=c["group"], N_SEQ=c["n_seq"], D=c["D"], DV=c["DV"], VARLEN=c["varlen"],
                 ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"], DOT_DTYPE=c["dot_dtype"],
-                OP_DTYPE=c["op_dtype"],
-                PRECISION=c["precision"], SPLIT_A=c["split_a"], SPLIT_DZ=c["split_dz"], BLOCK_D=c["block_d"],
-                BLOCK_DV=c["block_dv"])
+                PRECISION=c["precision"], SPLIT_A=c["split_a"] if split_a is None else split_a,
+                SPLIT_DZ=c["split_dz"], BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"])
 
 
-def _backward_dq(c, ops, do, drem, q, k, v, rem, scale, attend_current):
+def _backward_dq(c, do, drem, q, k, v, rem, scale, attend_current):
     """The query-major kernel: dq, delta + g per row and the table of (W, R) carries at the chunk boundaries."""
     B, H, T = c["B"], c["H"], c["T"]
     dev = q.device
@@ -710,15 +655,14 @@ def _backward_dq(c, ops, do, drem, q, k, v, rem, scale, attend_current):
     bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", max(c["block_d"], c["block_dv"]), q.dtype, dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
-    k_op, sc = ops[0], ops[3]
     COMPILED["dq"] = _bwd_dq_kernel[grid](
-        q, k, v, do, k_op, rem, drem, dq, delta_g, tw, tr, c["cu"], sc, float(scale), T, chunk, n_chunks,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *k_op.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn,
-        SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra, **_kernel_args(c, attend_current))
+        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["cu"], float(scale), T, chunk, n_chunks, *q.stride(),
+        *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl,
+        num_warps=warps, num_stages=stages, **extra, **_kernel_args(c, attend_current))
     return dq, delta_g, tw, tr, chunk
 
 
-def _backward_dkdv(c, ops, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current):
+def _backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current):
     """The key-major kernel: dk and dv, reading and advancing the table's carries chunk by chunk."""
     B, H, T = c["B"], c["H"], c["T"]
     hk = k.shape[1]
@@ -729,12 +673,10 @@ def _backward_dkdv(c, ops, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_cu
     assert chunk % bn == 0
     n_chunks = tw.shape[2]
     grid = (B * c["n_seq"] * hk, n_chunks)
-    q_op, do_op, sc = ops[1], ops[2], ops[3]
     COMPILED["dkdv"] = _bwd_dkdv_kernel[grid](
-        q, k, v, do, q_op, do_op, delta_g, tw, tr, dk, dv, c["cu"], sc, float(scale), T, chunk, n_chunks,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *q_op.stride(), *do_op.stride(), H=H, BLOCK_M=bm,
-        BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra,
-        **_kernel_args(c, attend_current))
+        q, k, v, do, delta_g, tw, tr, dk, dv, c["cu"], float(scale), T, chunk, n_chunks, *q.stride(), *k.stride(),
+        *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps,
+        num_stages=stages, **extra, **_kernel_args(c, attend_current))
     return dk, dv
 
 

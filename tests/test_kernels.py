@@ -76,9 +76,9 @@ def test_regimes(regime, dtype, attend_current):
     run_and_check(q, k, v, scale, attend_current, label=f"{regime} {dtype}")
 
 
-@pytest.mark.parametrize("v_scale,grad_scale", [(1e-5, 1e-6), (3e3, 1e4)])
+@pytest.mark.parametrize("v_scale,grad_scale", [(1e-6, 1e-6), (1e5, 1e4)])
 def test_bfloat16_far_outside_float16_range(v_scale, grad_scale):
-    # the float16 products take copies of bfloat16 tensors scaled per head, and dz scaled to fit float16
+    # the forward's A v product takes a float16 copy of bfloat16 v, scaled per head to fit float16
     q, k, v, scale = make_inputs("random", 1, 4, 2, 96, 64, 64, torch.bfloat16, seed=7)
     v = (v.detach() * v_scale).requires_grad_()
     run_and_check(q, k, v, scale, False, grad_scale=grad_scale, label=f"v x {v_scale}, dO x {grad_scale}")
@@ -86,7 +86,7 @@ def test_bfloat16_far_outside_float16_range(v_scale, grad_scale):
 
 @pytest.mark.parametrize("regime", ["random", "saturated"])
 def test_bfloat16_split_products(regime, monkeypatch):
-    # the alternative to float16 products: A and dz as bfloat16 hi + lo pairs
+    # the alternative to the forward's float16 product: A as a bfloat16 hi + lo pair
     monkeypatch.setattr(K, "F16_PRODUCTS", False)
     q, k, v, scale = make_inputs(regime, 1, 2, 1, 100, 48, 48, torch.bfloat16, seed=5)
     run_and_check(q, k, v, scale, True, label=f"split {regime}")
