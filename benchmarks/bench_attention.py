@@ -75,14 +75,15 @@ CANDIDATES = {
     # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl[, maxnreg]):
     # see kernels/attention.py. Earlier sweeps (results/) found larger tiles spilling and 2 warps slower.
     128: {
-        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 4, 3, 2, 3), (64, 32, 4, 4, 2, 3, 168)],
-        "dq": [(128, 32, 8, 3, 2, 4), (128, 32, 8, 2, 2, 4), (64, 32, 4, 3, 2, 4)],
-        "dkdv": [(32, 32, 4, 3, 2, 3), (32, 32, 4, 4, 2, 3)],
+        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 8, 3, 2, 3)],
+        "dq": [(128, 32, 8, 3, 2, 4), (128, 32, 16, 2, 2, 4), (128, 32, 16, 3, 2, 4), (64, 32, 8, 3, 2, 4, 128)],
+        "dkdv": [(32, 32, 4, 3, 2, 3), (32, 32, 8, 3, 2, 3), (32, 32, 8, 2, 2, 3), (64, 32, 16, 2, 2, 3),
+                 (32, 64, 16, 2, 2, 3)],
     },
     64: {
         "fwd": [(64, 32, 4, 4, 2, 3, 168), (64, 32, 4, 3, 2, 3)],
         "dq": [(64, 32, 4, 3, 2, 4), (128, 32, 8, 3, 2, 4)],
-        "dkdv": [(32, 32, 4, 4, 2, 3), (32, 32, 4, 3, 2, 3)],
+        "dkdv": [(32, 32, 4, 4, 2, 3), (32, 32, 8, 3, 2, 3)],
     },
 }
 
@@ -174,12 +175,14 @@ def main():
     ap.add_argument("--out", default=None, help="Markdown file to write (default benchmarks/results/<date>.md)")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles once per shape)")
     ap.add_argument("--sweep", action="store_true", help="tune tile configurations first")
+    ap.add_argument("--sweep-dims", default=[128, 64], type=lambda x: [int(d) for d in x.split(",")],
+                    help="head dims to sweep, e.g. 128")
     ap.add_argument("--ablate", action="store_true", help="time the kernels with cheaper pieces swapped in")
     ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend
 
-    sweep_lines = (sweep(128) + sweep(64)) if args.sweep else []
+    sweep_lines = [line for D in args.sweep_dims for line in sweep(D)] if args.sweep else []
     sweep_lines += ablations(128) if args.ablate else []
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     rows = []
