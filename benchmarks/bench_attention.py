@@ -72,18 +72,18 @@ def flex_fwd(q, k, v):
 
 
 CANDIDATES = {
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl[, maxnreg]):
-    # see kernels/attention.py. Earlier sweeps (results/) found larger tiles spilling and 2 warps slower.
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg]), the scans as
+    # kernels/attention.py's _cumsum PARTS. Earlier sweeps (results/) found larger tiles spilling and both
+    # fewer (2) and more (8, 16) warps per tile slower.
     128: {
-        "fwd": [(64, 32, 4, 3, 2, 3, 168), (64, 32, 8, 3, 2, 3)],
-        "dq": [(128, 32, 8, 3, 2, 4), (128, 32, 16, 2, 2, 4), (128, 32, 16, 3, 2, 4), (64, 32, 8, 3, 2, 4, 128)],
-        "dkdv": [(32, 32, 4, 3, 2, 3), (32, 32, 8, 3, 2, 3), (32, 32, 8, 2, 2, 3), (64, 32, 16, 2, 2, 3),
-                 (32, 64, 16, 2, 2, 3)],
+        "fwd": [(64, 32, 4, 3, 2, 1, 168), (64, 32, 4, 4, 2, 1, 168)],
+        "dq": [(128, 32, 8, 3, 2, 1), (128, 32, 8, 2, 2, 1)],
+        "dkdv": [(32, 32, 4, 3, 2, 1), (32, 32, 4, 4, 2, 1)],
     },
     64: {
-        "fwd": [(64, 32, 4, 4, 2, 3, 168), (64, 32, 4, 3, 2, 3)],
-        "dq": [(64, 32, 4, 3, 2, 4), (128, 32, 8, 3, 2, 4)],
-        "dkdv": [(32, 32, 4, 4, 2, 3), (32, 32, 8, 3, 2, 3)],
+        "fwd": [(64, 32, 4, 4, 2, 1, 168), (64, 32, 4, 3, 2, 1)],
+        "dq": [(64, 32, 4, 3, 2, 1), (128, 32, 8, 3, 2, 1)],
+        "dkdv": [(32, 32, 4, 4, 2, 1), (32, 32, 4, 3, 2, 1)],
     },
 }
 
@@ -151,8 +151,9 @@ def ablations(D=128):
     timed("A v as bfloat16 hi/lo pair")
     K.F16_PRODUCTS = True
     saved = dict(K.CONFIGS[D])
-    K.CONFIGS[D]["dq"] = saved["dq"][:5] + (3,) + saved["dq"][6:]
-    timed("dq: dl scanned in 3 parts, not 2")
+    for kernel in ("fwd", "dq", "dkdv"):
+        K.CONFIGS[D][kernel] = saved[kernel][:4] + (0, 0) + saved[kernel][6:]
+    timed("scans by tl.cumsum")
     K.CONFIGS[D].update(saved)
     return lines
 
@@ -220,7 +221,7 @@ def main():
           f"- date: {now}",
           f"- tiles: fwd {K.CONFIGS[128]['fwd']}, dq {K.CONFIGS[128]['dq']}, dkdv {K.CONFIGS[128]['dkdv']} (D=128); "
           f"D=64: fwd {K.CONFIGS[64]['fwd']}, dq {K.CONFIGS[64]['dq']}, dkdv {K.CONFIGS[64]['dkdv']}",
-          "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts of log(1-beta), scan parts of dl)", "",
+          "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg])", "",
           "## Speed (causal, bf16, median of do_bench)", "",
           "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",
           "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s "

@@ -138,35 +138,25 @@ def _cumsum(x, TRI, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIVE: tl.cons
     """Cumsum of a float32 tile along the key axis, over the nearer or the farther keys as TRI was built.
 
     PARTS == 0: tl.cumsum, an exact float32 scan that costs a dozen warp shuffles per element.
-    PARTS == 2: x = hi + lo in float16 (22 significant bits) through two tensor-core products with TRI; for
-                log(1 - beta), clamped to the float16 range (a key past -6e4 leaves exp(...) = 0 either way).
-    PARTS == 3: x = hi + mid + lo in bfloat16 (24 bits, the full float32 range): for dl, whose scale is the user's,
-                where the sum is later subtracted from a nearly equal total (the key-major kernel's C).
-    PARTS == 4: x = hi + lo in bfloat16 (16 bits): for dl where no such cancellation follows (dq's in-tile C).
+    PARTS == 1: x = hi + lo in bfloat16 (16 significant bits, the full float32 range) through two tensor-core
+                products with TRI: for dl, whose scale is the user's.
+    PARTS == 2: x = hi + lo in float16 (22 significant bits): for log(1 - beta), clamped to the float16 range
+                (a key past -6e4 leaves exp(...) = 0 either way).
     """
     if PARTS == 0:
         # keys grow along the axis: the nearer keys are a reverse scan
         c = tl.cumsum(x, axis=AXIS, reverse=NEARER)
         if not INCLUSIVE:
             c = c - x
-    elif PARTS == 2:
-        xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
-        hi = xc.to(tl.float16)
-        lo = (xc - hi.to(tl.float32)).to(tl.float16)
-        c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
-        c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
-    elif PARTS == 4:
-        hi = x.to(tl.bfloat16)
-        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
-        c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
-        c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
     else:
-        hi = x.to(tl.bfloat16)
-        r = x - hi.to(tl.float32)
-        mid = r.to(tl.bfloat16)
-        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        if PARTS == 1:
+            hi = x.to(tl.bfloat16)
+            lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        else:
+            xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
+            hi = xc.to(tl.float16)
+            lo = (xc - hi.to(tl.float32)).to(tl.float16)
         c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
-        c = _tri_dot(mid, TRI, c, AXIS, UPCAST)
         c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
     return c
 
@@ -377,7 +367,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     # g_i = dLoss / dlog rem_i
     b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0)
     TRI_L = _tri(BLOCK_N, 1, True, False, tl.float16, UPCAST)
-    TRI_C = _tri(BLOCK_N, 1, False, False, tl.float16 if SCAN_DL == 2 else tl.bfloat16, UPCAST)
+    TRI_C = _tri(BLOCK_N, 1, False, False, tl.bfloat16, UPCAST)
 
     # one walk from the diagonal back: W = sum log(1 - beta) and R = sum dl over the keys walked, X = sum beta k;
     # dq needs C_ik = sum_{j<k} dl_ij, which lies ahead, so each tile adds its dl's share of C through X instead
@@ -405,7 +395,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
 # 4. backward, key-major: dk and dv, one program per (chunk of keys, kv-head)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
+def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
                 seq_start, seq_end, mb_lo, mb_hi, qk_scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
@@ -436,8 +426,9 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt,
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         b_dl = b_a * tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-        # C_ik + g_i = delta_i + g_i - (R_i + sum_{j>=k in tile} dl_ij)
-        b_cg = b_delta_g[None, :] - (b_r[None, :] + _cumsum(b_dl, TRI_DL, 0, True, True, SCAN_DL, UPCAST))
+        b_dl_sum = tl.sum(b_dl, axis=0)
+        # C_ik + g_i = (delta_i + g_i - R_i - this tile's dl): the keys beyond the tile, then those of the tile
+        b_cg = (b_delta_g - (b_r + b_dl_sum))[None, :] + _cumsum(b_dl, TRI_C, 0, False, False, SCAN_DL, UPCAST)
         b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
         b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
         b_dz = b_dl * b_om - b_beta * b_cg
@@ -447,7 +438,7 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt,
         b_dk = _dot_split(b_dz, b_q, b_dk, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         # the carry moves left past this key block; the next (left) key block reads it back
         tl.store(TW + o_m, b_w + tl.sum(b_lom, axis=0), mask=m_m)
-        tl.store(TR + o_m, b_r + tl.sum(b_dl, axis=0), mask=m_m)
+        tl.store(TR + o_m, b_r + b_dl_sum, mask=m_m)
     return b_dk, b_dv
 
 
@@ -483,7 +474,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     TRI_L = _tri(BLOCK_N, 0, True, False, tl.float16, UPCAST)
-    TRI_DL = _tri(BLOCK_N, 0, True, True, tl.float16 if SCAN_DL == 2 else tl.bfloat16, UPCAST)
+    TRI_C = _tri(BLOCK_N, 0, False, False, tl.bfloat16, UPCAST)
 
     for it in range(nkb):
         n0 = c0 + (nkb - 1 - it) * BLOCK_N
@@ -502,12 +493,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
             off_do = i_b * s_dob + i_h * s_doh
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_lo, mb_full, qk_scale, D, DV, True, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_DL, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_full, mb_end, qk_scale, D, DV, False, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
@@ -525,15 +516,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
 # ---------------------------------------------------------------------------------------------------------------
 # 5. launchers, custom op, autograd
 # ---------------------------------------------------------------------------------------------------------------
-# Tile shapes per kernel, by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts for log(1 - beta),
-# scan parts for dl) -- see _cumsum; float32 inputs always scan with tl.cumsum. The interpreter uses small mixed
+# Tile shapes per kernel, by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1 - beta),
+# scan of dl[, maxnreg]), the scans as _cumsum's PARTS; float32 inputs always scan with tl.cumsum. The interpreter uses small mixed
 # shapes (BLOCK_N != BLOCK_M exercises every diagonal case). benchmarks/bench_attention.py --sweep tunes these.
 CONFIGS = {
-    "interpret": {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 64, 4, 1, 2, 4), "dkdv": (32, 64, 4, 1, 2, 3)},
+    "interpret": {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 64, 4, 1, 2, 1), "dkdv": (32, 64, 4, 1, 2, 1)},
     # measured on an H100 (benchmarks/results/): the elementwise work is register-hungry, small tiles win
-    64: {"fwd": (64, 32, 4, 4, 2, 3, 168), "dq": (64, 32, 4, 3, 2, 4), "dkdv": (32, 32, 4, 4, 2, 3)},
-    128: {"fwd": (64, 32, 4, 3, 2, 3, 168), "dq": (128, 32, 8, 3, 2, 4), "dkdv": (32, 32, 4, 3, 2, 3)},
-    256: {"fwd": (64, 32, 4, 1, 2, 3), "dq": (32, 32, 4, 1, 2, 4), "dkdv": (32, 32, 4, 1, 2, 3)},
+    64: {"fwd": (64, 32, 4, 4, 2, 1, 168), "dq": (64, 32, 4, 3, 2, 1), "dkdv": (32, 32, 4, 4, 2, 1)},
+    128: {"fwd": (64, 32, 4, 3, 2, 1, 168), "dq": (128, 32, 8, 3, 2, 1), "dkdv": (32, 32, 4, 3, 2, 1)},
+    256: {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 32, 4, 1, 2, 1), "dkdv": (32, 32, 4, 1, 2, 1)},
     "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
 }
 # 16-bit inputs, forward: A v is a single float16 product, bfloat16 v entering as a float16 copy scaled per
@@ -549,7 +540,7 @@ MIN_CHUNK = {"interpret": 64, "gpu": 128}
 
 
 def _config(kernel, block_d, dtype, device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, scan parts, scan parts, launch options) for one kernel."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, scan, scan, launch options) for one kernel."""
     if INTERPRET or device.type != "cuda":
         cfg = CONFIGS["interpret"][kernel]
     elif dtype == torch.float32:
