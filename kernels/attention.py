@@ -581,14 +581,16 @@ def _v_operand(c, v):
     the head's largest magnitude in [2^13, 2^14), so bfloat16 values keep every bit (only values 2^28 times
     smaller than the largest reach float16's subnormals, where they keep an absolute accuracy of 2^-39 of it).
     Otherwise v itself and ones."""
-    B, hk = v.shape[:2]
     if not (c["f16"] and v.dtype == torch.bfloat16):
-        return v, torch.ones(B, hk, dtype=torch.float32, device=v.device)
-    amax = torch.linalg.vector_norm(v.detach().reshape(B, hk, -1), ord=float("inf"), dim=-1, dtype=torch.float32)
+        return v, torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
+    amax = torch.linalg.vector_norm(v.detach(), ord=float("inf"), dim=(2, 3), dtype=torch.float32)
     # where v holds inf or NaN the copy is not scaled: those propagate as they would anyway
     ok = (amax > 0) & torch.isfinite(amax)
     s = torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
-    return (v.detach() * s[:, :, None, None].to(v.dtype)).to(torch.float16), 1.0 / s
+    # one pass: the product of two bfloat16 values, exact (s is a power of two), written as float16
+    v16 = torch.empty(v.shape, dtype=torch.float16, device=v.device)
+    torch.mul(v.detach(), s[:, :, None, None].to(v.dtype), out=v16)
+    return v16, 1.0 / s
 
 
 def _forward(q, k, v, scale, attend_current, cu_seqlens):
