@@ -10,12 +10,33 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import attention, rel_err
+import triton
+import triton.language as tl
+
 import sb_ref.kernels.attention as K
 from sb_ref.kernels import stick_breaking_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (output and remainder, gradients): DESIGN.md's bounds
 TOL = {torch.float32: (1e-5, 3e-5), torch.bfloat16: (2.5e-3, 3e-3), torch.float16: (2.5e-3, 3e-3)}
+
+
+@triton.jit
+def _log2_1p_kernel(E, OUT, N, SHORT: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    tl.store(OUT + o, K._log2_1p(tl.load(E + o, mask=m, other=0.0), SHORT), mask=m)
+
+
+@pytest.mark.parametrize("short,bound", [(False, 2e-7), (True, 4e-7)])
+def test_log1p_polynomial_is_relatively_accurate_down_to_tiny_e(short, bound):
+    # log2(1 + e) for e = exp(-|logit|) in (0, 1]: the long regime needs a relative error, not an absolute one
+    g = torch.Generator().manual_seed(0)
+    e = torch.cat([torch.exp2(-torch.linspace(0, 60, 6001)), torch.rand(4000, generator=g)]).float().to(DEVICE)
+    out = torch.empty_like(e)
+    _log2_1p_kernel[(triton.cdiv(e.numel(), 1024),)](e, out, e.numel(), SHORT=short, BLOCK=1024)
+    exact = torch.log1p(e.double()) / math.log(2)
+    assert ((out.double() - exact).abs() / exact).max().item() <= bound
 
 
 def make_inputs(regime, B, Hq, Hk, T, D, Dv, dtype, seed=0, scale=None):
