@@ -383,8 +383,8 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
                                     s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK,
                                     D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
                                     SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
-    # delta_i = sum_j dl_ij (the same float32 sum the key-major kernel subtracts R from), stored with g added:
-    # C_ik + g_i = (delta_i + g_i) - R_ik
+    # delta_i = sum_j dl_ij, the float32 sum of the very dl both kernels recompute, stored with g added: the
+    # key-major kernel's C_ik + g_i starts from it
     tl.store(DELTA + o_m, b_r + b_g, mask=m_m)
     p_dq = DQ + o_m[:, None] * D + o_d[None, :]
     b_dq = _round(b_dq * scale, DQ.dtype.element_ty, UPCAST)
