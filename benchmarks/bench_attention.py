@@ -103,6 +103,20 @@ def _problem(D):
             "dkdv": lambda: K._backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, False)}
 
 
+def _time_kernel(label, kernel, fn):
+    """(median ms or None, a printed line with the compiled kernel's registers, spills and shared memory)."""
+    try:
+        t = ms(fn)
+    except Exception as e:  # out of resources for these tiles
+        t, line = None, f"{label} {kernel}: failed ({type(e).__name__}: {str(e)[:80]})"
+    else:
+        ck = K.COMPILED[kernel]
+        line = (f"{label} {kernel}: {t:.3f} ms  ({ck.n_regs} registers, {ck.n_spills} spills, "
+                f"{ck.metadata.shared} B shared)")
+    print(line, flush=True)
+    return t, line
+
+
 def sweep(D):
     """Times the candidate tiles of each kernel on its own at (4, 12, 4096, D) and keeps the fastest in
     K.CONFIGS."""
@@ -112,16 +126,9 @@ def sweep(D):
         best = None
         for cfg in options:
             K.CONFIGS[D][kernel] = cfg
-            try:
-                t = ms(run[kernel])
-            except Exception as e:  # out of resources for this shape
-                lines.append(f"D={D} {kernel} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
-                print(lines[-1], flush=True)
-                continue
-            ck = K.COMPILED[kernel]
-            lines.append(f"D={D} {kernel} {cfg}: {t:.3f} ms  ({ck.n_regs} registers, {ck.n_spills} spills)")
-            print(lines[-1], flush=True)
-            if best is None or t < best[0]:
+            t, line = _time_kernel(f"D={D} {cfg}", kernel, run[kernel])
+            lines.append(line)
+            if t is not None and (best is None or t < best[0]):
                 best = (t, cfg)
         K.CONFIGS[D][kernel] = best[1]
         lines.append(f"D={D} {kernel}: best {best[1]}")
@@ -130,21 +137,12 @@ def sweep(D):
 
 
 def ablations(D=128):
-    """What pieces of the kernels cost: the chosen tiles timed with one piece swapped, for measurement only,
-    and each kernel's registers, spills and shared memory."""
+    """What pieces of the kernels cost: the chosen tiles timed with one piece swapped, for measurement only."""
     lines = []
 
     def timed(label):
         run = _problem(D)
-        for kernel in ("fwd", "dq", "dkdv"):
-            try:
-                t = ms(run[kernel])
-                ck = K.COMPILED[kernel]
-                lines.append(f"D={D} {label:36s} {kernel}: {t:.3f} ms  ({ck.n_regs} registers, {ck.n_spills} "
-                             f"spills, {ck.metadata.shared} B shared)")
-            except Exception as e:
-                lines.append(f"D={D} {label:36s} {kernel}: failed ({type(e).__name__}: {str(e)[:80]})")
-            print(lines[-1], flush=True)
+        lines.extend(_time_kernel(f"D={D} {label:28s}", kernel, run[kernel])[1] for kernel in ("fwd", "dq", "dkdv"))
 
     timed("as chosen")
     K.F16_PRODUCTS = False

@@ -529,9 +529,8 @@ CONFIGS = {
 }
 # 16-bit inputs, forward: A v is a single float16 product, bfloat16 v entering as a float16 copy scaled per
 # kv-head by a power of two (_v_operand); with F16_PRODUCTS off, A goes in as a bfloat16 hi + lo pair instead.
-# Backward: A (for dv) and dz (for dq, dk) always go in as hi + lo pairs of the input dtype (SPLIT).
+# Backward: A (for dv) and dz (for dq, dk) always go in as hi + lo pairs of the input dtype (_dot_split).
 F16_PRODUCTS = True
-SPLIT = {"a": True, "dz": True}
 # The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
 COMPILED = {}
 # Chunks of the backward table: at most MAX_CHUNKS per sequence, each a multiple of every block size.
@@ -570,8 +569,7 @@ def _common(q, k, v, cu_seqlens):
     half = q.dtype != torch.float32
     return dict(B=B, H=H, T=T, D=D, DV=DV, group=group, n_seq=n_seq, max_len=max_len, cu=cu, block_d=block_d,
                 block_dv=block_dv, upcast=upcast, dot_dtype=dot_dtype, precision=precision,
-                varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half and SPLIT["a"],
-                split_dz=half and SPLIT["dz"])
+                varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half, split_dz=half)
 
 
 def _v_operand(c, v):
