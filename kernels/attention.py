@@ -63,16 +63,21 @@ def _log2_1p(e, SHORT: tl.constexpr):
 
 @triton.jit
 def _log_sigmoids(z, SHORT: tl.constexpr):
-    """For base-2 logits z = log2(e) * scale * q.k, returns (log2 beta, log2(1 - beta), e, r) with e = exp(-|logit|)
-    and r = 1 / (1 + e). Working in base 2 lets every exp be a bare exp2 (the scale absorbs log2(e))."""
+    """For base-2 logits z = log2(e) * scale * q.k, returns (log2 beta, log2(1 - beta), beta, 1 - beta), each
+    accurate to float32 (the forward uses only the logs). Working in base 2 lets every exp be a bare exp2 (the scale
+    absorbs log2(e))."""
     # softplus(x) = max(x, 0) + log1p(e): log beta = -softplus(-x) = min(x, 0) - log1p(e), log(1-beta) = -softplus(x)
+    # with e = exp(-|x|)
     e = tl.exp2(-tl.abs(z))
     l1p = _log2_1p(e, SHORT)
     log_beta = tl.minimum(z, 0.0) - l1p
     log_om = -tl.maximum(z, 0.0) - l1p
-    # 1 / (1 + e): beta = r for z >= 0 and e * r below (and 1 - beta the other way round); used by the backward
+    # r = 1 / (1 + e): beta = r for z >= 0 and e * r below, 1 - beta the other way round (no cancellation)
     r = 1.0 / (1.0 + e)
-    return log_beta, log_om, e, r
+    er = e * r
+    beta = tl.where(z >= 0, r, er)
+    om = tl.where(z >= 0, er, r)
+    return log_beta, log_om, beta, om
 
 
 @triton.jit
@@ -91,31 +96,48 @@ def _round(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dot_split(a, b, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b for a float32 tile a; with SPLIT, a = hi + lo in two 16-bit parts (two tensor-core products),
-    so that a is carried to ~16 bits instead of 8: a single bf16 rounding of A alone costs ~1.5e-3 in o."""
-    a_hi = _round(a, DTYPE, UPCAST)
-    acc = tl.dot(a_hi, b, acc, input_precision=PRECISION)
-    if SPLIT:
-        a_lo = _round(a - a_hi.to(tl.float32), DTYPE, UPCAST)
-        acc = tl.dot(a_lo, b, acc, input_precision=PRECISION)
-    return acc
+def _pairs(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr, AXIS: tl.constexpr):
+    """x = hi + lo in two DTYPE parts (16 significant bits for bfloat16 instead of 8), interleaved along AXIS:
+    index 2k + p holds part p of element k. A product with the other operand's rows (or columns) doubled the same
+    way sums both parts in one trip to the tensor cores."""
+    hi = _round(x, DTYPE, UPCAST)
+    lo = _round(x - hi.to(tl.float32), DTYPE, UPCAST)
+    p = tl.join(hi, lo)
+    if AXIS == 1:
+        return tl.reshape(p, [x.shape[0], 2 * x.shape[1]])
+    else:
+        return tl.reshape(tl.permute(p, (0, 2, 1)), [2 * x.shape[0], x.shape[1]])
 
 
 @triton.jit
-def _tri(BLOCK: tl.constexpr, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIVE: tl.constexpr,
-         DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """The 0/1 matrix M that turns a product into a cumsum over keys (x @ M for keys on axis 1, M @ x on axis 0):
-    for each key j, the sum over keys k nearer the query (k > j) or farther (k < j), with or without j itself."""
-    o_r = tl.arange(0, BLOCK)[:, None]
-    o_c = tl.arange(0, BLOCK)[None, :]
-    # (x @ M)[i, j] = sum_k x[i, k] M[k, j];  (M @ x)[j, i] = sum_k M[j, k] x[k, i]
-    o_k = o_r if AXIS == 1 else o_c
-    o_j = o_c if AXIS == 1 else o_r
-    if NEARER:
-        m = (o_k >= o_j) if INCLUSIVE else (o_k > o_j)
+def _dot_split(a, b, b2, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """acc + a @ b for a float32 tile a. With SPLIT, a goes in as hi + lo pairs against b2, b with every row twice:
+    a single bf16 rounding of A alone costs ~1.5e-3 in o."""
+    if SPLIT:
+        return tl.dot(_pairs(a, DTYPE, UPCAST, 1), b2, acc, input_precision=PRECISION)
     else:
-        m = (o_k <= o_j) if INCLUSIVE else (o_k < o_j)
+        return tl.dot(_round(a, DTYPE, UPCAST), b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_split_rhs(b, b2, a, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """acc + b @ a, the float32 tile a on the right; with SPLIT, b2 is b with every column twice."""
+    if SPLIT:
+        return tl.dot(b2, _pairs(a, DTYPE, UPCAST, 0), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(b, _round(a, DTYPE, UPCAST), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tri(BLOCK: tl.constexpr, NEARER: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """The 0/1 matrix M that turns a product into an exclusive cumsum over keys: for each key j (column), the sum
+    over keys k nearer the query (k > j) or farther (k < j). Its rows come in pairs, row 2k + p for part p of key k,
+    so that x = hi + lo goes through the tensor cores as one product with K = 2 BLOCK (see _cumsum)."""
+    o_k = (tl.arange(0, 2 * BLOCK) // 2)[:, None]
+    o_j = tl.arange(0, BLOCK)[None, :]
+    m = (o_k > o_j) if NEARER else (o_k < o_j)
     if UPCAST:
         return m.to(tl.float32)
     else:
@@ -123,42 +145,33 @@ def _tri(BLOCK: tl.constexpr, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIV
 
 
 @triton.jit
-def _tri_dot(part, TRI, acc, AXIS: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        part = part.to(tl.float32)
-    if AXIS == 1:
-        return tl.dot(part, TRI, acc)
-    else:
-        return tl.dot(TRI, part, acc)
-
-
-@triton.jit
-def _cumsum(x, TRI, AXIS: tl.constexpr, NEARER: tl.constexpr, INCLUSIVE: tl.constexpr, PARTS: tl.constexpr,
-            UPCAST: tl.constexpr):
-    """Cumsum of a float32 tile along the key axis, over the nearer or the farther keys as TRI was built.
+def _cumsum(x, TRI, NEARER: tl.constexpr, PARTS: tl.constexpr, UPCAST: tl.constexpr):
+    """Exclusive cumsum of a float32 [queries, keys] tile along the keys, over the nearer or the farther keys as TRI
+    was built.
 
     PARTS == 0: tl.cumsum, an exact float32 scan that costs a dozen warp shuffles per element.
-    PARTS == 1: x = hi + lo in bfloat16 (16 significant bits, the full float32 range) through two tensor-core
-                products with TRI: for dl, whose scale is the user's.
+    PARTS == 1: x = hi + lo in bfloat16 (16 significant bits, the full float32 range) through the tensor cores:
+                for dl, whose scale is the user's.
     PARTS == 2: x = hi + lo in float16 (22 significant bits): for log(1 - beta), clamped to the float16 range
                 (a key past -6e4 leaves exp(...) = 0 either way).
+    The parts are interleaved along the keys, column 2k + p for part p of key k, and multiplied by TRI's paired
+    rows in one product: one round trip to the tensor cores instead of two.
     """
     if PARTS == 0:
         # keys grow along the axis: the nearer keys are a reverse scan
-        c = tl.cumsum(x, axis=AXIS, reverse=NEARER)
-        if not INCLUSIVE:
-            c = c - x
+        c = tl.cumsum(x, axis=1, reverse=NEARER) - x
     else:
         if PARTS == 1:
-            hi = x.to(tl.bfloat16)
-            lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+            c = tl.dot(_pairs(x, tl.bfloat16, UPCAST, 1), TRI)
         else:
-            xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
-            hi = xc.to(tl.float16)
-            lo = (xc - hi.to(tl.float32)).to(tl.float16)
-        c = _tri_dot(hi, TRI, None, AXIS, UPCAST)
-        c = _tri_dot(lo, TRI, c, AXIS, UPCAST)
+            c = tl.dot(_pairs(tl.minimum(tl.maximum(x, -60000.0), 60000.0), tl.float16, UPCAST, 1), TRI)
     return c
+
+
+@triton.jit
+def _twice(o):
+    """Every offset twice in a row, (o0, o0, o1, o1, ...): the rows of a tile doubled for _dot_split."""
+    return tl.reshape(tl.join(o, o), [2 * o.shape[0]])
 
 
 @triton.jit
@@ -232,11 +245,15 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
                 m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
         # sum over the nearer keys of this tile (k > j): reverse exclusive cumsum
-        b_cum = _cumsum(b_lom, TRI_L, 1, True, False, SCAN_L, UPCAST)
+        b_cum = _cumsum(b_lom, TRI_L, True, SCAN_L, UPCAST)
         b_a = tl.exp2(b_lb + (b_s[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
-        b_o = _dot_split(b_a, b_v, b_o, OP_DTYPE, UPCAST, SPLIT_A, PRECISION)
+        if SPLIT_A:
+            b_v2 = _load_tile(V, _twice(o_n), o_dv, s_vt, s_vd, _twice(o_n) < seq_end, DV, BLOCK_DV, UPCAST)
+        else:
+            b_v2 = b_v
+        b_o = _dot_split(b_a, b_v, b_v2, b_o, OP_DTYPE, UPCAST, SPLIT_A, PRECISION)
         b_s += tl.sum(b_lom, axis=1)
     return b_o, b_s
 
@@ -265,7 +282,7 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
     b_q = _load_tile(Q, o_m, tl.arange(0, BLOCK_D), s_qt, s_qd, m_m, D, BLOCK_D, UPCAST)
     b_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     b_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    TRI_L = _tri(BLOCK_N, 1, True, False, tl.float16, UPCAST)
+    TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
 
     b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, nb_hi,
                           qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A,
@@ -303,8 +320,7 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
         b_k = _load_tile(K, o_n, o_d, s_kt, s_kd, m_n, D, BLOCK_D, UPCAST)
         b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
         b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
-        b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
+        b_lb, b_lom, b_beta, b_om = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
         if MASKED:
             if ATTEND_CURRENT:
                 m_vis = o_n[None, :] <= o_m[:, None]
@@ -312,7 +328,7 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
                 m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
             b_beta = tl.where(m_vis, b_beta, 0.0)
-        b_cum = _cumsum(b_lom, TRI_L, 1, True, False, SCAN_L, UPCAST)
+        b_cum = _cumsum(b_lom, TRI_L, True, SCAN_L, UPCAST)
         b_a = tl.exp2(b_lb + (b_w[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
@@ -320,12 +336,15 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
         b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_dl_sum = tl.sum(b_dl, axis=1)
         # dz_ik = dl_ik (1 - beta_ik) - beta_ik (C_ik + g_i), C_ik = sum_{j<k} dl_ij: here only the j of this tile
-        b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
-        b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, 1, False, False, SCAN_DL, UPCAST) + b_g[:, None])
-        b_dq = _dot_split(b_dz, b_k, b_dq, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, False, SCAN_DL, UPCAST) + b_g[:, None])
+        if SPLIT_DZ:
+            b_k2 = _load_tile(K, _twice(o_n), o_d, s_kt, s_kd, _twice(o_n) < seq_end, D, BLOCK_D, UPCAST)
+        else:
+            b_k2 = b_k
+        b_dq = _dot_split(b_dz, b_k, b_k2, b_dq, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         # ... the j of this tile with the k of the tiles already walked: dl_ij times X_i = sum_k beta_ik k_k
         b_dq -= b_dl_sum[:, None] * b_x
-        b_x = _dot_split(b_beta, b_k, b_x, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_x = _dot_split(b_beta, b_k, b_k2, b_x, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         b_w += tl.sum(b_lom, axis=1)
         b_r += b_dl_sum
         # crossed the left edge of chunk c: (W, R) is now the carry at the right end of chunk c - 1
@@ -366,8 +385,8 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     b_do = _load_tile(DO, o_m, tl.arange(0, BLOCK_DV), s_dot, s_dod, m_m, DV, BLOCK_DV, UPCAST)
     # g_i = dLoss / dlog rem_i
     b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0)
-    TRI_L = _tri(BLOCK_N, 1, True, False, tl.float16, UPCAST)
-    TRI_C = _tri(BLOCK_N, 1, False, False, tl.bfloat16, UPCAST)
+    TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
+    TRI_C = _tri(BLOCK_N, False, tl.bfloat16, UPCAST)
 
     # one walk from the diagonal back: W = sum log(1 - beta) and R = sum dl over the keys walked, X = sum beta k;
     # dq needs C_ik = sum_{j<k} dl_ij, which lies ahead, so each tile adds its dl's share of C through X instead
@@ -395,7 +414,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
 # 4. backward, key-major: dk and dv, one program per (chunk of keys, kv-head)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
+def _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
                 seq_start, seq_end, mb_lo, mb_hi, qk_scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
@@ -412,34 +431,42 @@ def _dkdv_inner(b_dk, b_dv, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, 
         b_w = tl.load(TW + o_m, mask=m_m, other=0.0)
         b_r = tl.load(TR + o_m, mask=m_m, other=0.0)
         b_delta_g = tl.load(DELTA + o_m, mask=m_m, other=0.0)
-        # tiles are [keys, queries]: the scans run along axis 0
-        b_z = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale
-        b_lb, b_lom, b_e, b_rr = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
+        # tiles are [queries, keys] as in the other kernels, so the scans are products with TRI on the right
+        b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        b_lb, b_lom, b_beta, b_om = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
         if MASKED:
             if ATTEND_CURRENT:
-                m_vis = o_n[:, None] <= o_m[None, :]
+                m_vis = o_n[None, :] <= o_m[:, None]
             else:
-                m_vis = o_n[:, None] < o_m[None, :]
+                m_vis = o_n[None, :] < o_m[:, None]
             b_lom = tl.where(m_vis, b_lom, 0.0)
-        b_cum = _cumsum(b_lom, TRI_L, 0, True, False, SCAN_L, UPCAST)
-        b_a = tl.exp2(b_lb + (b_w[None, :] + b_cum))
+        b_w_next = b_w + tl.sum(b_lom, axis=1)
+        b_cum = _cumsum(b_lom, TRI_L, True, SCAN_L, UPCAST)
+        b_a = tl.exp2(b_lb + (b_w[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
-        b_dl = b_a * tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-        b_dl_sum = tl.sum(b_dl, axis=0)
+        # dv and dk accumulate transposed, [head dim, keys]: the head dim is the long side the tensor cores want
+        if SPLIT_A:
+            b_do2 = _load_tile(DO, _twice(o_m), o_dv, s_dot, s_dod, _twice(o_m) < seq_end, DV, BLOCK_DV, UPCAST)
+        else:
+            b_do2 = b_do
+        b_dvt = _dot_split_rhs(tl.trans(b_do), tl.trans(b_do2), b_a, b_dvt, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
+        b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_dl_sum = tl.sum(b_dl, axis=1)
         # C_ik + g_i = (delta_i + g_i - R_i - this tile's dl): the keys beyond the tile, then those of the tile
-        b_cg = (b_delta_g - (b_r + b_dl_sum))[None, :] + _cumsum(b_dl, TRI_C, 0, False, False, SCAN_DL, UPCAST)
-        b_beta = tl.where(b_z >= 0, b_rr, b_e * b_rr)
-        b_om = tl.where(b_z >= 0, b_e * b_rr, b_rr)
+        b_cg = (b_delta_g - (b_r + b_dl_sum))[:, None] + _cumsum(b_dl, TRI_C, False, SCAN_DL, UPCAST)
         b_dz = b_dl * b_om - b_beta * b_cg
         if MASKED:
             b_dz = tl.where(m_vis, b_dz, 0.0)
-        b_dv = _dot_split(b_a, b_do, b_dv, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
-        b_dk = _dot_split(b_dz, b_q, b_dk, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        if SPLIT_DZ:
+            b_q2 = _load_tile(Q, _twice(o_m), o_d, s_qt, s_qd, _twice(o_m) < seq_end, D, BLOCK_D, UPCAST)
+        else:
+            b_q2 = b_q
+        b_dkt = _dot_split_rhs(tl.trans(b_q), tl.trans(b_q2), b_dz, b_dkt, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
         # the carry moves left past this key block; the next (left) key block reads it back
-        tl.store(TW + o_m, b_w + tl.sum(b_lom, axis=0), mask=m_m)
+        tl.store(TW + o_m, b_w_next, mask=m_m)
         tl.store(TR + o_m, b_r + b_dl_sum, mask=m_m)
-    return b_dk, b_dv
+    return b_dkt, b_dvt
 
 
 @triton.jit
@@ -473,8 +500,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
     DV_ += (i_b * HK + i_hk) * T * DV
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    TRI_L = _tri(BLOCK_N, 0, True, False, tl.float16, UPCAST)
-    TRI_C = _tri(BLOCK_N, 0, False, False, tl.bfloat16, UPCAST)
+    TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
+    TRI_C = _tri(BLOCK_N, False, tl.bfloat16, UPCAST)
 
     for it in range(nkb):
         n0 = c0 + (nkb - 1 - it) * BLOCK_N
@@ -482,8 +509,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
         m_n = o_n < seq_end
         b_k = _load_tile(K, o_n, o_d, s_kt, s_kd, m_n, D, BLOCK_D, UPCAST)
         b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
-        b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        b_dkt = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        b_dvt = tl.zeros([BLOCK_DV, BLOCK_N], dtype=tl.float32)
         # query blocks [mb_lo, mb_full) cross the diagonal; from mb_full on every row sees every key of the block
         mb_lo = (n0 - seq_start) // BLOCK_M
         mb_full = tl.minimum(tl.cdiv(n0 + BLOCK_N - seq_start, BLOCK_M), mb_end)
@@ -493,21 +520,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
             off_do = i_b * s_dob + i_h * s_doh
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+            b_dkt, b_dvt = _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_lo, mb_full, qk_scale, D, DV, True, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
-            b_dk, b_dv = _dkdv_inner(b_dk, b_dv, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
+            b_dkt, b_dvt = _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_full, mb_end, qk_scale, D, DV, False, ATTEND_CURRENT,
                                      UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
         p_dk = DK + o_n[:, None] * D + o_d[None, :]
-        b_dk = _round(b_dk * scale, DK.dtype.element_ty, UPCAST)
+        b_dk = _round(tl.trans(b_dkt) * scale, DK.dtype.element_ty, UPCAST)
         tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
         p_dv = DV_ + o_n[:, None] * DV + o_dv[None, :]
-        b_dv = _round(b_dv, DV_.dtype.element_ty, UPCAST)
+        b_dv = _round(tl.trans(b_dvt), DV_.dtype.element_ty, UPCAST)
         tl.store(p_dv, b_dv.to(DV_.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
         # the carries this key block wrote are read back by other threads for the next block
         tl.debug_barrier()
@@ -522,8 +549,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
 CONFIGS = {
     "interpret": {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 64, 4, 1, 2, 1), "dkdv": (32, 64, 4, 1, 2, 1)},
     # measured on an H100 (benchmarks/results/): the elementwise work is register-hungry, small tiles win
-    64: {"fwd": (64, 32, 4, 4, 2, 1, 168), "dq": (64, 32, 4, 3, 2, 1), "dkdv": (32, 32, 4, 4, 2, 1)},
-    128: {"fwd": (64, 32, 4, 3, 2, 1, 168), "dq": (128, 32, 8, 3, 2, 1), "dkdv": (32, 32, 4, 3, 2, 1)},
+    64: {"fwd": (64, 32, 4, 4, 2, 1, 168), "dq": (64, 32, 4, 3, 2, 1), "dkdv": (64, 32, 4, 2, 2, 1)},
+    128: {"fwd": (64, 32, 4, 3, 2, 1, 168), "dq": (128, 32, 8, 3, 2, 1), "dkdv": (64, 32, 4, 2, 2, 1)},
     256: {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 32, 4, 1, 2, 1), "dkdv": (32, 32, 4, 1, 2, 1)},
     "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
 }
