@@ -78,7 +78,7 @@ CANDIDATES = {
     128: {
         "fwd": [(64, 32, 4, 3, 2, 1, 168)],
         "dq": [(128, 32, 8, 3, 2, 1), (128, 32, 8, 2, 2, 1), (64, 32, 4, 2, 2, 1)],
-        "dkdv": [(64, 32, 4, 2, 2, 1), (128, 32, 8, 2, 2, 1), (64, 32, 4, 3, 2, 1)],
+        "dkdv": [(64, 32, 4, 2, 2, 1), (64, 32, 4, 3, 2, 1), (128, 32, 8, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168)],
     },
     64: {
         "fwd": [(64, 32, 4, 4, 2, 1, 168)],
@@ -95,12 +95,13 @@ def _problem(D):
     o, rem = K._forward(q, k, v, scale, False, None)
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
-    c = K._common(q, k, v, None)
-    dq, delta_g, tw, tr, chunk = K._backward_dq(c, do, drem, q, k, v, rem, scale, False)
+    c = dict(K._common(q, k, v, None), scale=scale)
+    ops = K._backward_operands(c, do, drem * rem, q, k, v, scale)
+    dq, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, False)
     # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
     return {"fwd": lambda: K._forward(q, k, v, scale, False, None),
-            "dq": lambda: K._backward_dq(c, do, drem, q, k, v, rem, scale, False),
-            "dkdv": lambda: K._backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, False)}
+            "dq": lambda: K._backward_dq(c, ops, drem, rem, False),
+            "dkdv": lambda: K._backward_dkdv(c, ops, delta_g, tw, tr, chunk, False)}
 
 
 def _time_kernel(label, kernel, fn):
@@ -153,10 +154,6 @@ def ablations(D=128):
         K.CONFIGS[D][kernel] = saved[kernel][:4] + (0, 0) + saved[kernel][6:]
     timed("scans by tl.cumsum")
     K.CONFIGS[D].update(saved)
-    common = K._common
-    K._common = lambda *a: dict(common(*a), split_a=False, split_dz=False)
-    timed("no hi/lo splits (inexact)")
-    K._common = common
     return lines
 
 

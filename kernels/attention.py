@@ -96,46 +96,22 @@ def _round(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _pairs(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr, AXIS: tl.constexpr):
-    """x = hi + lo in two DTYPE parts (16 significant bits for bfloat16 instead of 8), interleaved along AXIS:
-    index 2k + p holds part p of element k. A product with the other operand's rows (or columns) doubled the same
-    way sums both parts in one trip to the tensor cores."""
-    hi = _round(x, DTYPE, UPCAST)
-    lo = _round(x - hi.to(tl.float32), DTYPE, UPCAST)
-    p = tl.join(hi, lo)
-    if AXIS == 1:
-        return tl.reshape(p, [x.shape[0], 2 * x.shape[1]])
-    else:
-        return tl.reshape(tl.permute(p, (0, 2, 1)), [2 * x.shape[0], x.shape[1]])
-
-
-@triton.jit
-def _dot_split(a, b, b2, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """acc + a @ b for a float32 tile a. With SPLIT, a goes in as hi + lo pairs against b2, b with every row twice:
-    a single bf16 rounding of A alone costs ~1.5e-3 in o."""
+def _dot_split(a, b, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b for a float32 tile a; with SPLIT, a = hi + lo in two 16-bit parts (two tensor-core products),
+    so that a is carried to ~16 bits instead of 8: a single bf16 rounding of A alone costs ~1.5e-3 in o."""
+    a_hi = _round(a, DTYPE, UPCAST)
+    acc = tl.dot(a_hi, b, acc, input_precision=PRECISION)
     if SPLIT:
-        return tl.dot(_pairs(a, DTYPE, UPCAST, 1), b2, acc, input_precision=PRECISION)
-    else:
-        return tl.dot(_round(a, DTYPE, UPCAST), b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _dot_split_rhs(b, b2, a, acc, DTYPE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """acc + b @ a, the float32 tile a on the right; with SPLIT, b2 is b with every column twice."""
-    if SPLIT:
-        return tl.dot(b2, _pairs(a, DTYPE, UPCAST, 0), acc, input_precision=PRECISION)
-    else:
-        return tl.dot(b, _round(a, DTYPE, UPCAST), acc, input_precision=PRECISION)
+        a_lo = _round(a - a_hi.to(tl.float32), DTYPE, UPCAST)
+        acc = tl.dot(a_lo, b, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
 def _tri(BLOCK: tl.constexpr, NEARER: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """The 0/1 matrix M that turns a product into an exclusive cumsum over keys: for each key j (column), the sum
-    over keys k nearer the query (k > j) or farther (k < j). Its rows come in pairs, row 2k + p for part p of key k,
-    so that x = hi + lo goes through the tensor cores as one product with K = 2 BLOCK (see _cumsum)."""
-    o_k = (tl.arange(0, 2 * BLOCK) // 2)[:, None]
+    """The 0/1 matrix M that turns a product x @ M into an exclusive cumsum over the keys of a [queries, keys] tile:
+    for each key j, the sum over keys k nearer the query (k > j) or farther (k < j)."""
+    o_k = tl.arange(0, BLOCK)[:, None]
     o_j = tl.arange(0, BLOCK)[None, :]
     m = (o_k > o_j) if NEARER else (o_k < o_j)
     if UPCAST:
@@ -150,28 +126,28 @@ def _cumsum(x, TRI, NEARER: tl.constexpr, PARTS: tl.constexpr, UPCAST: tl.conste
     was built.
 
     PARTS == 0: tl.cumsum, an exact float32 scan that costs a dozen warp shuffles per element.
-    PARTS == 1: x = hi + lo in bfloat16 (16 significant bits, the full float32 range) through the tensor cores:
-                for dl, whose scale is the user's.
+    PARTS == 1: x = hi + lo in bfloat16 (16 significant bits, the full float32 range) through two tensor-core
+                products with TRI: for dl, whose scale is the user's.
     PARTS == 2: x = hi + lo in float16 (22 significant bits): for log(1 - beta), clamped to the float16 range
                 (a key past -6e4 leaves exp(...) = 0 either way).
-    The parts are interleaved along the keys, column 2k + p for part p of key k, and multiplied by TRI's paired
-    rows in one product: one round trip to the tensor cores instead of two.
     """
     if PARTS == 0:
         # keys grow along the axis: the nearer keys are a reverse scan
         c = tl.cumsum(x, axis=1, reverse=NEARER) - x
     else:
         if PARTS == 1:
-            c = tl.dot(_pairs(x, tl.bfloat16, UPCAST, 1), TRI)
+            hi = x.to(tl.bfloat16)
+            lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
         else:
-            c = tl.dot(_pairs(tl.minimum(tl.maximum(x, -60000.0), 60000.0), tl.float16, UPCAST, 1), TRI)
+            xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
+            hi = xc.to(tl.float16)
+            lo = (xc - hi.to(tl.float32)).to(tl.float16)
+        if UPCAST:
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+        c = tl.dot(hi, TRI)
+        c = tl.dot(lo, TRI, c)
     return c
-
-
-@triton.jit
-def _twice(o):
-    """Every offset twice in a row, (o0, o0, o1, o1, ...): the rows of a tile doubled for _dot_split."""
-    return tl.reshape(tl.join(o, o), [2 * o.shape[0]])
 
 
 @triton.jit
@@ -249,11 +225,7 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
         b_a = tl.exp2(b_lb + (b_s[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
-        if SPLIT_A:
-            b_v2 = _load_tile(V, _twice(o_n), o_dv, s_vt, s_vd, _twice(o_n) < seq_end, DV, BLOCK_DV, UPCAST)
-        else:
-            b_v2 = b_v
-        b_o = _dot_split(b_a, b_v, b_v2, b_o, OP_DTYPE, UPCAST, SPLIT_A, PRECISION)
+        b_o = _dot_split(b_a, b_v, b_o, OP_DTYPE, UPCAST, SPLIT_A, PRECISION)
         b_s += tl.sum(b_lom, axis=1)
     return b_o, b_s
 
@@ -265,7 +237,7 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                 VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-                SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
@@ -306,11 +278,10 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
-              seq_start, seq_end, nb_lo, nb_hi, qk_scale, T, CHUNK,
+              seq_start, seq_end, nb_lo, nb_hi, qk_scale, dz_scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-              SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
+              SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for it in range(nb_hi - nb_lo):
@@ -337,14 +308,11 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
         b_dl_sum = tl.sum(b_dl, axis=1)
         # dz_ik = dl_ik (1 - beta_ik) - beta_ik (C_ik + g_i), C_ik = sum_{j<k} dl_ij: here only the j of this tile
         b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, False, SCAN_DL, UPCAST) + b_g[:, None])
-        if SPLIT_DZ:
-            b_k2 = _load_tile(K, _twice(o_n), o_d, s_kt, s_kd, _twice(o_n) < seq_end, D, BLOCK_D, UPCAST)
-        else:
-            b_k2 = b_k
-        b_dq = _dot_split(b_dz, b_k, b_k2, b_dq, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        # dz goes to the tensor cores scaled by dz_scale (a power of two that keeps it inside float16's range)
+        b_dq = tl.dot(_round(b_dz * dz_scale, DOT_DTYPE, UPCAST), b_k, b_dq, input_precision=PRECISION)
         # ... the j of this tile with the k of the tiles already walked: dl_ij times X_i = sum_k beta_ik k_k
-        b_dq -= b_dl_sum[:, None] * b_x
-        b_x = _dot_split(b_beta, b_k, b_k2, b_x, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_dq -= (b_dl_sum * dz_scale)[:, None] * b_x
+        b_x = tl.dot(_round(b_beta, DOT_DTYPE, UPCAST), b_k, b_x, input_precision=PRECISION)
         b_w += tl.sum(b_lom, axis=1)
         b_r += b_dl_sum
         # crossed the left edge of chunk c: (W, R) is now the carry at the right end of chunk c - 1
@@ -356,16 +324,19 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, CHUNK, N_CHUNKS,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                    s_dob, s_doh, s_dot, s_dod,
                    H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_DZ: tl.constexpr,
-                   SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
-    qk_scale = scale * 1.4426950408889634
+    # the operands' scales (see _operand_scales): logits, gradients, dz, and dq at the end
+    SC += (i_b * (H // GROUP) + i_h // GROUP) * 8
+    qk_scale = scale * 1.4426950408889634 * tl.load(SC)
+    grad_scale = tl.load(SC + 1)
+    dz_scale = tl.load(SC + 2)
 
     Q += i_b * s_qb + i_h * s_qh
     K += i_b * s_kb + (i_h // GROUP) * s_kh
@@ -384,7 +355,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     b_q = _load_tile(Q, o_m, o_d, s_qt, s_qd, m_m, D, BLOCK_D, UPCAST)
     b_do = _load_tile(DO, o_m, tl.arange(0, BLOCK_DV), s_dot, s_dod, m_m, DV, BLOCK_DV, UPCAST)
     # g_i = dLoss / dlog rem_i
-    b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0)
+    b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0) * grad_scale
     TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
     TRI_C = _tri(BLOCK_N, False, tl.bfloat16, UPCAST)
 
@@ -395,18 +366,18 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, T, CHUNK,
-                                    D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
-                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, dz_scale, T,
+                                    CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
+                                    SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, T, CHUNK,
-                                    D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ,
-                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, dz_scale, T,
+                                    CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
+                                    SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     # delta_i = sum_j dl_ij, the float32 sum of the very dl both kernels recompute, stored with g added: the
     # key-major kernel's C_ik + g_i starts from it
     tl.store(DELTA + o_m, b_r + b_g, mask=m_m)
     p_dq = DQ + o_m[:, None] * D + o_d[None, :]
-    b_dq = _round(b_dq * scale, DQ.dtype.element_ty, UPCAST)
+    b_dq = _round(b_dq * tl.load(SC + 3), DQ.dtype.element_ty, UPCAST)
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
 
 
@@ -415,11 +386,10 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, scale, T, CHUN
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt, s_qd, s_dot, s_dod, o_n,
-                seq_start, seq_end, mb_lo, mb_hi, qk_scale,
+                seq_start, seq_end, mb_lo, mb_hi, qk_scale, dz_scale,
                 D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-                SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
+                SCAN_DL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for mb in range(mb_lo, mb_hi):
@@ -446,11 +416,7 @@ def _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
         # dv and dk accumulate transposed, [head dim, keys]: the head dim is the long side the tensor cores want
-        if SPLIT_A:
-            b_do2 = _load_tile(DO, _twice(o_m), o_dv, s_dot, s_dod, _twice(o_m) < seq_end, DV, BLOCK_DV, UPCAST)
-        else:
-            b_do2 = b_do
-        b_dvt = _dot_split_rhs(tl.trans(b_do), tl.trans(b_do2), b_a, b_dvt, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
+        b_dvt = tl.dot(tl.trans(b_do), _round(b_a, DOT_DTYPE, UPCAST), b_dvt, input_precision=PRECISION)
         b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_dl_sum = tl.sum(b_dl, axis=1)
         # C_ik + g_i = (delta_i + g_i - R_i - this tile's dl): the keys beyond the tile, then those of the tile
@@ -458,11 +424,7 @@ def _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt
         b_dz = b_dl * b_om - b_beta * b_cg
         if MASKED:
             b_dz = tl.where(m_vis, b_dz, 0.0)
-        if SPLIT_DZ:
-            b_q2 = _load_tile(Q, _twice(o_m), o_d, s_qt, s_qd, _twice(o_m) < seq_end, D, BLOCK_D, UPCAST)
-        else:
-            b_q2 = b_q
-        b_dkt = _dot_split_rhs(tl.trans(b_q), tl.trans(b_q2), b_dz, b_dkt, DOT_DTYPE, UPCAST, SPLIT_DZ, PRECISION)
+        b_dkt = tl.dot(tl.trans(b_q), _round(b_dz * dz_scale, DOT_DTYPE, UPCAST), b_dkt, input_precision=PRECISION)
         # the carry moves left past this key block; the next (left) key block reads it back
         tl.store(TW + o_m, b_w_next, mask=m_m)
         tl.store(TR + o_m, b_r + b_dl_sum, mask=m_m)
@@ -470,14 +432,14 @@ def _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUNK, N_CHUNKS,
                      s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                      s_dob, s_doh, s_dot, s_dod,
                      H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                      VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-                     SPLIT_DZ: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
+                     SCAN_DL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
     # axis 0 enumerates (batch, sequence, kv-head), axis 1 the chunks: chunk 0 has the most query blocks after it,
     # and the GPU starts programs in launch order, so every head's chunk 0 goes first
     i_bnh = tl.program_id(0)
@@ -487,8 +449,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
     i_n = (i_bnh // HK) % N_SEQ
     i_b = i_bnh // (HK * N_SEQ)
     seq_start, seq_end = _seq_bounds(CU, i_n, T, VARLEN)
-    # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
-    qk_scale = scale * 1.4426950408889634
+    # logits in base 2 (exp2 and log2 throughout), the operands' scales folded in (see _operand_scales)
+    SC += (i_b * HK + i_hk) * 8
+    qk_scale = scale * 1.4426950408889634 * tl.load(SC)
+    dz_scale = tl.load(SC + 2)
     c0 = seq_start + i_c * CHUNK
     c1 = tl.minimum(c0 + CHUNK, seq_end)
     nkb = tl.maximum(tl.cdiv(c1 - c0, BLOCK_N), 0)
@@ -522,19 +486,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, scale, T, CHUNK, N
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
             b_dkt, b_dvt = _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
-                                     seq_start, seq_end, mb_lo, mb_full, qk_scale, D, DV, True, ATTEND_CURRENT,
-                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
+                                     seq_start, seq_end, mb_lo, mb_full, qk_scale, dz_scale, D, DV, True,
+                                     ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
             b_dkt, b_dvt = _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
-                                     seq_start, seq_end, mb_full, mb_end, qk_scale, D, DV, False, ATTEND_CURRENT,
-                                     UPCAST, DOT_DTYPE, PRECISION, SPLIT_A, SPLIT_DZ, SCAN_L, SCAN_DL, BLOCK_M,
+                                     seq_start, seq_end, mb_full, mb_end, qk_scale, dz_scale, D, DV, False,
+                                     ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
         p_dk = DK + o_n[:, None] * D + o_d[None, :]
-        b_dk = _round(tl.trans(b_dkt) * scale, DK.dtype.element_ty, UPCAST)
+        b_dk = _round(tl.trans(b_dkt) * tl.load(SC + 4), DK.dtype.element_ty, UPCAST)
         tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
         p_dv = DV_ + o_n[:, None] * DV + o_dv[None, :]
-        b_dv = _round(tl.trans(b_dvt), DV_.dtype.element_ty, UPCAST)
+        b_dv = _round(tl.trans(b_dvt) * tl.load(SC + 5), DV_.dtype.element_ty, UPCAST)
         tl.store(p_dv, b_dv.to(DV_.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
         # the carries this key block wrote are read back by other threads for the next block
         tl.debug_barrier()
@@ -554,9 +518,9 @@ CONFIGS = {
     256: {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 32, 4, 1, 2, 1), "dkdv": (32, 32, 4, 1, 2, 1)},
     "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
 }
-# 16-bit inputs, forward: A v is a single float16 product, bfloat16 v entering as a float16 copy scaled per
-# kv-head by a power of two (_v_operand); with F16_PRODUCTS off, A goes in as a bfloat16 hi + lo pair instead.
-# Backward: A (for dv) and dz (for dq, dk) always go in as hi + lo pairs of the input dtype (_dot_split).
+# 16-bit inputs: every product that takes a computed tile (A v in the forward; A dO, dz k, dz q and beta k in the
+# backward) is a single float16 product, bfloat16 operands entering as float16 copies scaled per kv-head by a power
+# of two (_scaled_f16). With F16_PRODUCTS off, the forward's A goes in as a bfloat16 hi + lo pair instead.
 F16_PRODUCTS = True
 # The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
 COMPILED = {}
@@ -578,6 +542,9 @@ def _config(kernel, block_d, dtype, device):
     return cfg[:4] + scans + ({"maxnreg": cfg[6]} if len(cfg) > 6 else {},)
 
 
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
 def _common(q, k, v, cu_seqlens):
     B, H, T, D = q.shape
     DV = v.shape[-1]
@@ -591,31 +558,68 @@ def _common(q, k, v, cu_seqlens):
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(DV))
     upcast = INTERPRET or q.device.type != "cuda"
-    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[q.dtype]
+    dot_dtype = _TL_DTYPE[q.dtype]
     precision = "tf32" if (q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     half = q.dtype != torch.float32
     return dict(B=B, H=H, T=T, D=D, DV=DV, group=group, n_seq=n_seq, max_len=max_len, cu=cu, block_d=block_d,
-                block_dv=block_dv, upcast=upcast, dot_dtype=dot_dtype, precision=precision,
-                varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half, split_dz=half)
+                block_dv=block_dv, upcast=upcast, dtype=q.dtype, dot_dtype=dot_dtype, precision=precision,
+                varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half and not F16_PRODUCTS)
 
 
-def _v_operand(c, v):
-    """The forward's v operand and a table (B, Hk) of the inverse scales to apply to o.
+def _group_amax(x, hk):
+    """The largest magnitude of x (B, heads, T, d) per (batch, kv-head): the q-heads of a GQA group together."""
+    x = x.detach().unflatten(1, (hk, x.shape[1] // hk))
+    return torch.linalg.vector_norm(x, ord=float("inf"), dim=tuple(range(2, x.dim())), dtype=torch.float32)
 
-    With float16 products and bfloat16 inputs: v * s in float16, s a power of two per (batch, kv-head) that puts
-    the head's largest magnitude in [2^13, 2^14), so bfloat16 values keep every bit (only values 2^28 times
-    smaller than the largest reach float16's subnormals, where they keep an absolute accuracy of 2^-39 of it).
-    Otherwise v itself and ones."""
-    if not (c["f16"] and v.dtype == torch.bfloat16):
-        return v, torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
-    amax = torch.linalg.vector_norm(v.detach(), ord=float("inf"), dim=(2, 3), dtype=torch.float32)
-    # where v holds inf or NaN the copy is not scaled: those propagate as they would anyway
+
+def _scaled_f16(x, hk):
+    """x * s in float16 and s (B, Hk), s a power of two per (batch, kv-head) that puts the largest magnitude in
+    [2^13, 2^14): bfloat16 values keep every bit (only values 2^28 times smaller than the largest reach float16's
+    subnormals, where they keep an absolute accuracy of 2^-39 of it)."""
+    amax = _group_amax(x, hk)
+    # where x holds inf or NaN the copy is not scaled: those propagate as they would anyway
     ok = (amax > 0) & torch.isfinite(amax)
     s = torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
     # one pass: the product of two bfloat16 values, exact (s is a power of two), written as float16
-    v16 = torch.empty(v.shape, dtype=torch.float16, device=v.device)
-    torch.mul(v.detach(), s[:, :, None, None].to(v.dtype), out=v16)
+    x16 = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    torch.mul(x.detach(), s.repeat_interleave(x.shape[1] // hk, 1)[:, :, None, None].to(x.dtype), out=x16)
+    return x16, s
+
+
+def _v_operand(c, v):
+    """The forward's v operand and a table (B, Hk) of the inverse scales to apply to o: a float16 copy of a
+    bfloat16 v (_scaled_f16) with F16_PRODUCTS, else v itself and ones."""
+    if not (c["f16"] and v.dtype == torch.bfloat16):
+        return v, torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
+    v16, s = _scaled_f16(v, v.shape[1])
     return v16, 1.0 / s
+
+
+def _backward_operands(c, do, g, q, k, v, scale):
+    """The backward's operands (float16 copies of bfloat16 ones, else the inputs) and a table (B, Hk, 8) of the
+    scales the kernels fold in: [1 / (s_q s_k) for the logits, G = s_dO s_v (dl and g come out G times too large),
+    dz_scale, and the factors that turn the accumulators into dq, dk, dv].
+
+    dz goes to a float16 product times dz_scale, a power of two such that |dz| * G * dz_scale < 2^15 however the
+    head's numbers fall: |dz| <= |dl| + |C + g| <= 2 max|dO . v| + max|g| with max|dO . v| <= Dv max|dO| max|v|."""
+    hk = k.shape[1]
+    ones = torch.ones(c["B"], hk, dtype=torch.float32, device=q.device)
+    if q.dtype == torch.bfloat16:
+        (q, s_q), (k, s_k), (v, s_v), (do, s_do) = (_scaled_f16(x, hk) for x in (q, k, v, do))
+    else:
+        s_q = s_k = s_v = s_do = ones
+    grad = (s_do * s_v).double()
+    if q.dtype == torch.float32:
+        dz_scale = ones.double()
+    else:
+        bound = 2 * c["DV"] * _group_amax(do, hk) * _group_amax(v, hk) + _group_amax(g, hk) * grad
+        ok = (bound > 0) & torch.isfinite(bound)
+        dz_scale = torch.exp2(torch.where(ok, torch.floor(15.0 - torch.log2(torch.where(ok, bound, 1.0))), 0.0)
+                              .clamp(-100, 100))
+    s_q, s_k, s_do = s_q.double(), s_k.double(), s_do.double()
+    table = torch.stack([1.0 / (s_q * s_k), grad, dz_scale, scale / (grad * dz_scale * s_k),
+                         scale / (s_q * grad * dz_scale), 1.0 / s_do] + [ones.double()] * 2, dim=-1)
+    return do, q, k, v, table.float()
 
 
 def _forward(q, k, v, scale, attend_current, cu_seqlens):
@@ -631,8 +635,8 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
         COMPILED["fwd"] = _fwd_kernel[grid](
             q, k, v_op, o, rem, c["cu"], inv_scale, float(scale), T, *q.stride(), *k.stride(), *v_op.stride(),
             *o.stride(), H=H, SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-            num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], **extra,
-            **_kernel_args(c, attend_current, split_a=c["split_a"] and not c["f16"]))
+            num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], SPLIT_A=c["split_a"],
+            **extra, **_kernel_args(c, attend_current, c["dot_dtype"]))
     return o, rem
 
 
@@ -646,22 +650,25 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
     c = _common(q, k, v, cu_seqlens)
     if c["max_len"] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    c["scale"] = scale
     drem = drem.to(torch.float32).contiguous()
-    dq, delta_g, tw, tr, chunk = _backward_dq(c, do, drem, q, k, v, rem, scale, attend_current)
-    dk, dv = _backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current)
+    ops = _backward_operands(c, do, drem * rem, q, k, v, scale)
+    dq, delta_g, tw, tr, chunk = _backward_dq(c, ops, drem, rem, attend_current)
+    dk, dv = _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current)
     return dq, dk, dv
 
 
-def _kernel_args(c, attend_current, split_a=None):
+def _kernel_args(c, attend_current, dot_dtype):
     return dict(GROUP=c["group"], N_SEQ=c["n_seq"], D=c["D"], DV=c["DV"], VARLEN=c["varlen"],
-                ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"], DOT_DTYPE=c["dot_dtype"],
-                PRECISION=c["precision"], SPLIT_A=c["split_a"] if split_a is None else split_a,
-                SPLIT_DZ=c["split_dz"], BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"])
+                ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"], DOT_DTYPE=dot_dtype,
+                PRECISION=c["precision"], BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"])
 
 
-def _backward_dq(c, do, drem, q, k, v, rem, scale, attend_current):
+
+def _backward_dq(c, ops, drem, rem, attend_current):
     """The query-major kernel: dq, delta + g per row and the table of (W, R) carries at the chunk boundaries."""
     B, H, T = c["B"], c["H"], c["T"]
+    do, q, k, v, table = ops
     dev = q.device
     chunk = chunk_size(c["max_len"], c["upcast"])
     n_chunks = max(1, triton.cdiv(c["max_len"], chunk))
@@ -669,32 +676,34 @@ def _backward_dq(c, do, drem, q, k, v, rem, scale, attend_current):
     tw = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
     tr = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
     delta_g = torch.empty(B, H, T, dtype=torch.float32, device=dev)
-    dq = torch.empty(B, H, T, c["D"], dtype=q.dtype, device=dev)
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", max(c["block_d"], c["block_dv"]), q.dtype, dev)
+    dq = torch.empty(B, H, T, c["D"], dtype=c["dtype"], device=dev)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", max(c["block_d"], c["block_dv"]), c["dtype"], dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
     COMPILED["dq"] = _bwd_dq_kernel[grid](
-        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["cu"], float(scale), T, chunk, n_chunks, *q.stride(),
-        *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl,
-        num_warps=warps, num_stages=stages, **extra, **_kernel_args(c, attend_current))
+        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["cu"], table, float(c["scale"]), T, chunk, n_chunks,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
+        SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra,
+        **_kernel_args(c, attend_current, _TL_DTYPE[q.dtype]))
     return dq, delta_g, tw, tr, chunk
 
 
-def _backward_dkdv(c, do, q, k, v, delta_g, tw, tr, chunk, scale, attend_current):
+def _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current):
     """The key-major kernel: dk and dv, reading and advancing the table's carries chunk by chunk."""
     B, H, T = c["B"], c["H"], c["T"]
+    do, q, k, v, table = ops
     hk = k.shape[1]
-    dk = torch.empty(B, hk, T, c["D"], dtype=k.dtype, device=q.device)
-    dv = torch.empty(B, hk, T, c["DV"], dtype=v.dtype, device=q.device)
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dkdv", max(c["block_d"], c["block_dv"]), q.dtype,
+    dk = torch.empty(B, hk, T, c["D"], dtype=c["dtype"], device=q.device)
+    dv = torch.empty(B, hk, T, c["DV"], dtype=c["dtype"], device=q.device)
+    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dkdv", max(c["block_d"], c["block_dv"]), c["dtype"],
                                                             q.device)
     assert chunk % bn == 0
     n_chunks = tw.shape[2]
     grid = (B * c["n_seq"] * hk, n_chunks)
     COMPILED["dkdv"] = _bwd_dkdv_kernel[grid](
-        q, k, v, do, delta_g, tw, tr, dk, dv, c["cu"], float(scale), T, chunk, n_chunks, *q.stride(), *k.stride(),
-        *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps,
-        num_stages=stages, **extra, **_kernel_args(c, attend_current))
+        q, k, v, do, delta_g, tw, tr, dk, dv, c["cu"], table, float(c["scale"]), T, chunk, n_chunks, *q.stride(),
+        *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl,
+        num_warps=warps, num_stages=stages, **extra, **_kernel_args(c, attend_current, _TL_DTYPE[q.dtype]))
     return dk, dv
 
 
