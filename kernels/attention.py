@@ -567,32 +567,34 @@ def _common(q, k, v, cu_seqlens):
 
 
 def _group_amax(x, hk):
-    """The largest magnitude of x (B, heads, T, d) per (batch, kv-head): the q-heads of a GQA group together."""
+    """The largest magnitude of x (B, heads, T[, d]) per (batch, kv-head): the q-heads of a GQA group together."""
     x = x.detach().unflatten(1, (hk, x.shape[1] // hk))
     return torch.linalg.vector_norm(x, ord=float("inf"), dim=tuple(range(2, x.dim())), dtype=torch.float32)
 
 
-def _scaled_f16(x, hk):
-    """x * s in float16 and s (B, Hk), s a power of two per (batch, kv-head) that puts the largest magnitude in
-    [2^13, 2^14): bfloat16 values keep every bit (only values 2^28 times smaller than the largest reach float16's
-    subnormals, where they keep an absolute accuracy of 2^-39 of it)."""
-    amax = _group_amax(x, hk)
-    # where x holds inf or NaN the copy is not scaled: those propagate as they would anyway
+def _pow2_scale(amax):
+    """A power of two per entry that puts amax in [2^13, 2^14); 1 where amax is 0, inf or NaN (those propagate as
+    they would anyway)."""
     ok = (amax > 0) & torch.isfinite(amax)
-    s = torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
-    # one pass: the product of two bfloat16 values, exact (s is a power of two), written as float16
+    return torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
+
+
+def _scaled_f16(x, s):
+    """x * s as float16 for a bfloat16 x and s (B, Hk) from _pow2_scale: bfloat16 values keep every bit (only values
+    2^28 times smaller than the largest reach float16's subnormals, where they keep an absolute accuracy of 2^-39
+    of it). One pass: the product of two bfloat16 values is exact (s is a power of two), written as float16."""
     x16 = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    torch.mul(x.detach(), s.repeat_interleave(x.shape[1] // hk, 1)[:, :, None, None].to(x.dtype), out=x16)
-    return x16, s
+    s = s.repeat_interleave(x.shape[1] // s.shape[1], 1)[:, :, None, None]
+    return torch.mul(x.detach(), s.to(x.dtype), out=x16)
 
 
 def _v_operand(c, v):
-    """The forward's v operand and a table (B, Hk) of the inverse scales to apply to o: a float16 copy of a
-    bfloat16 v (_scaled_f16) with F16_PRODUCTS, else v itself and ones."""
+    """The forward's v operand and a table (B, Hk) of the inverse scales to apply to o: with F16_PRODUCTS a float16
+    copy of a bfloat16 v (_scaled_f16), else v itself and ones."""
     if not (c["f16"] and v.dtype == torch.bfloat16):
         return v, torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
-    v16, s = _scaled_f16(v, v.shape[1])
-    return v16, 1.0 / s
+    s = _pow2_scale(_group_amax(v, v.shape[1]))
+    return _scaled_f16(v, s), 1.0 / s
 
 
 def _backward_operands(c, do, g, q, k, v, scale):
@@ -603,22 +605,26 @@ def _backward_operands(c, do, g, q, k, v, scale):
     dz goes to a float16 product times dz_scale, a power of two such that |dz| * G * dz_scale < 2^15 however the
     head's numbers fall: |dz| <= |dl| + |C + g| <= 2 max|dO . v| + max|g| with max|dO . v| <= Dv max|dO| max|v|."""
     hk = k.shape[1]
-    ones = torch.ones(c["B"], hk, dtype=torch.float32, device=q.device)
+    # the largest magnitudes of q, k, v, dO and g per (batch, kv-head) in one (5, B, Hk) tensor
+    amax = torch.stack([_group_amax(x, hk) for x in (q, k, v, do, g)])
     if q.dtype == torch.bfloat16:
-        (q, s_q), (k, s_k), (v, s_v), (do, s_do) = (_scaled_f16(x, hk) for x in (q, k, v, do))
+        s = _pow2_scale(amax[:4])
+        q, k, v, do = (_scaled_f16(x, s[i]) for i, x in enumerate((q, k, v, do)))
     else:
-        s_q = s_k = s_v = s_do = ones
-    grad = (s_do * s_v).double()
+        s = torch.ones_like(amax[:4])
+    s = s.double()
+    s_q, s_k, s_v, s_do = s
+    grad = s_do * s_v
     if q.dtype == torch.float32:
-        dz_scale = ones.double()
+        dz_scale = torch.ones_like(grad)
     else:
-        bound = 2 * c["DV"] * _group_amax(do, hk) * _group_amax(v, hk) + _group_amax(g, hk) * grad
+        bound = (2 * c["DV"]) * amax[3].double() * amax[2].double() * grad + amax[4].double() * grad
         ok = (bound > 0) & torch.isfinite(bound)
-        dz_scale = torch.exp2(torch.where(ok, torch.floor(15.0 - torch.log2(torch.where(ok, bound, 1.0))), 0.0)
+        dz_scale = torch.exp2(torch.where(ok, 15.0 - torch.log2(torch.where(ok, bound, 1.0)), 0.0).floor()
                               .clamp(-100, 100))
-    s_q, s_k, s_do = s_q.double(), s_k.double(), s_do.double()
-    table = torch.stack([1.0 / (s_q * s_k), grad, dz_scale, scale / (grad * dz_scale * s_k),
-                         scale / (s_q * grad * dz_scale), 1.0 / s_do] + [ones.double()] * 2, dim=-1)
+    gdz = grad * dz_scale
+    table = torch.stack([1.0 / (s_q * s_k), grad, dz_scale, scale / (gdz * s_k), scale / (gdz * s_q), 1.0 / s_do,
+                         torch.zeros_like(grad), torch.zeros_like(grad)], dim=-1)
     return do, q, k, v, table.float()
 
 
