@@ -513,7 +513,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUN
 CONFIGS = {
     "interpret": {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 64, 4, 1, 2, 1), "dkdv": (32, 64, 4, 1, 2, 1)},
     # measured on an H100 (benchmarks/results/): the elementwise work is register-hungry, small tiles win
-    64: {"fwd": (64, 32, 4, 4, 2, 1, 168), "dq": (64, 32, 4, 3, 2, 1), "dkdv": (64, 32, 4, 2, 2, 1)},
+    64: {"fwd": (64, 32, 4, 4, 2, 1, 168), "dq": (64, 32, 4, 3, 2, 1), "dkdv": (64, 32, 4, 3, 2, 1)},
     128: {"fwd": (64, 32, 4, 3, 2, 1, 168), "dq": (128, 32, 8, 3, 2, 1), "dkdv": (64, 32, 4, 2, 2, 1)},
     256: {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 32, 4, 1, 2, 1), "dkdv": (32, 32, 4, 1, 2, 1)},
     "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
