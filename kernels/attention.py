@@ -126,27 +126,22 @@ def _cumsum(x, TRI, NEARER: tl.constexpr, PARTS: tl.constexpr, UPCAST: tl.conste
     was built.
 
     PARTS == 0: tl.cumsum, an exact float32 scan that costs a dozen warp shuffles per element.
-    PARTS == 1: x = hi + lo in bfloat16 (16 significant bits, the full float32 range) through two tensor-core
-                products with TRI: for dl, whose scale is the user's.
-    PARTS == 2: x = hi + lo in float16 (22 significant bits): for log(1 - beta), clamped to the float16 range
-                (a key past -6e4 leaves exp(...) = 0 either way).
+    PARTS == 1: x rounded to float16 (11 significant bits), one tensor-core product with TRI: for dl, scaled into
+                float16's range by the caller, where this rounding costs no more than dz's own.
+    PARTS == 2: x = hi + lo in float16 (22 significant bits), two products: for log(1 - beta), which is
+                exponentiated, clamped to the float16 range (a key past -6e4 leaves exp(...) = 0 either way).
     """
     if PARTS == 0:
         # keys grow along the axis: the nearer keys are a reverse scan
         c = tl.cumsum(x, axis=1, reverse=NEARER) - x
     else:
         if PARTS == 1:
-            hi = x.to(tl.bfloat16)
-            lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+            c = tl.dot(_round(x, tl.float16, UPCAST), TRI)
         else:
             xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
-            hi = xc.to(tl.float16)
-            lo = (xc - hi.to(tl.float32)).to(tl.float16)
-        if UPCAST:
-            hi = hi.to(tl.float32)
-            lo = lo.to(tl.float32)
-        c = tl.dot(hi, TRI)
-        c = tl.dot(lo, TRI, c)
+            hi = _round(xc, tl.float16, UPCAST)
+            c = tl.dot(hi, TRI)
+            c = tl.dot(_round(xc - hi.to(tl.float32), tl.float16, UPCAST), TRI, c)
     return c
 
 
@@ -303,15 +298,15 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
         b_a = tl.exp2(b_lb + (b_w[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
-        # dl_ij = dLoss / dlog A_ij = A_ij (dO_i . v_j)
-        b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        # dl_ij = dLoss / dlog A_ij = A_ij (dO_i . v_j), times dz_scale (a power of two that keeps dl, C and dz
+        # inside float16's range, see _backward_operands): every gradient-side number below carries that scale
+        b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * dz_scale
         b_dl_sum = tl.sum(b_dl, axis=1)
         # dz_ik = dl_ik (1 - beta_ik) - beta_ik (C_ik + g_i), C_ik = sum_{j<k} dl_ij: here only the j of this tile
         b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, False, SCAN_DL, UPCAST) + b_g[:, None])
-        # dz goes to the tensor cores scaled by dz_scale (a power of two that keeps it inside float16's range)
-        b_dq = tl.dot(_round(b_dz * dz_scale, DOT_DTYPE, UPCAST), b_k, b_dq, input_precision=PRECISION)
+        b_dq = tl.dot(_round(b_dz, DOT_DTYPE, UPCAST), b_k, b_dq, input_precision=PRECISION)
         # ... the j of this tile with the k of the tiles already walked: dl_ij times X_i = sum_k beta_ik k_k
-        b_dq -= (b_dl_sum * dz_scale)[:, None] * b_x
+        b_dq -= b_dl_sum[:, None] * b_x
         b_x = tl.dot(_round(b_beta, DOT_DTYPE, UPCAST), b_k, b_x, input_precision=PRECISION)
         b_w += tl.sum(b_lom, axis=1)
         b_r += b_dl_sum
@@ -335,7 +330,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
     # the operands' scales (see _operand_scales): logits, gradients, dz, and dq at the end
     SC += (i_b * (H // GROUP) + i_h // GROUP) * 8
     qk_scale = scale * 1.4426950408889634 * tl.load(SC)
-    grad_scale = tl.load(SC + 1)
+    g_scale = tl.load(SC + 1)
     dz_scale = tl.load(SC + 2)
 
     Q += i_b * s_qb + i_h * s_qh
@@ -355,9 +350,9 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
     b_q = _load_tile(Q, o_m, o_d, s_qt, s_qd, m_m, D, BLOCK_D, UPCAST)
     b_do = _load_tile(DO, o_m, tl.arange(0, BLOCK_DV), s_dot, s_dod, m_m, DV, BLOCK_DV, UPCAST)
     # g_i = dLoss / dlog rem_i
-    b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0) * grad_scale
+    b_g = tl.load(DREM + o_m, mask=m_m, other=0.0) * tl.load(REM + o_m, mask=m_m, other=0.0) * g_scale
     TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
-    TRI_C = _tri(BLOCK_N, False, tl.bfloat16, UPCAST)
+    TRI_C = _tri(BLOCK_N, False, tl.float16, UPCAST)
 
     # one walk from the diagonal back: W = sum log(1 - beta) and R = sum dl over the keys walked, X = sum beta k;
     # dq needs C_ik = sum_{j<k} dl_ij, which lies ahead, so each tile adds its dl's share of C through X instead
@@ -417,14 +412,14 @@ def _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt
             b_a = tl.where(m_vis, b_a, 0.0)
         # dv and dk accumulate transposed, [head dim, keys]: the head dim is the long side the tensor cores want
         b_dvt = tl.dot(tl.trans(b_do), _round(b_a, DOT_DTYPE, UPCAST), b_dvt, input_precision=PRECISION)
-        b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * dz_scale
         b_dl_sum = tl.sum(b_dl, axis=1)
         # C_ik + g_i = (delta_i + g_i - R_i - this tile's dl): the keys beyond the tile, then those of the tile
         b_cg = (b_delta_g - (b_r + b_dl_sum))[:, None] + _cumsum(b_dl, TRI_C, False, SCAN_DL, UPCAST)
         b_dz = b_dl * b_om - b_beta * b_cg
         if MASKED:
             b_dz = tl.where(m_vis, b_dz, 0.0)
-        b_dkt = tl.dot(tl.trans(b_q), _round(b_dz * dz_scale, DOT_DTYPE, UPCAST), b_dkt, input_precision=PRECISION)
+        b_dkt = tl.dot(tl.trans(b_q), _round(b_dz, DOT_DTYPE, UPCAST), b_dkt, input_precision=PRECISION)
         # the carry moves left past this key block; the next (left) key block reads it back
         tl.store(TW + o_m, b_w_next, mask=m_m)
         tl.store(TR + o_m, b_r + b_dl_sum, mask=m_m)
@@ -465,7 +460,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUN
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
-    TRI_C = _tri(BLOCK_N, False, tl.bfloat16, UPCAST)
+    TRI_C = _tri(BLOCK_N, False, tl.float16, UPCAST)
 
     for it in range(nkb):
         n0 = c0 + (nkb - 1 - it) * BLOCK_N
@@ -599,11 +594,12 @@ def _v_operand(c, v):
 
 def _backward_operands(c, do, g, q, k, v, scale):
     """The backward's operands (float16 copies of bfloat16 ones, else the inputs) and a table (B, Hk, 8) of the
-    scales the kernels fold in: [1 / (s_q s_k) for the logits, G = s_dO s_v (dl and g come out G times too large),
-    dz_scale, and the factors that turn the accumulators into dq, dk, dv].
+    scales the kernels fold in: [1 / (s_q s_k) for the logits, G dz_scale for g, dz_scale, and the factors that turn
+    the accumulators into dq, dk, dv].
 
-    dz goes to a float16 product times dz_scale, a power of two such that |dz| * G * dz_scale < 2^15 however the
-    head's numbers fall: |dz| <= |dl| + |C + g| <= 2 max|dO . v| + max|g| with max|dO . v| <= Dv max|dO| max|v|."""
+    With G = s_dO s_v the product of the copies gives G dO.v; the kernels multiply dl by dz_scale, a power of two
+    such that G dz_scale |dl|, |C + g| and |dz| stay below 2^15 however the head's numbers fall (dl, C and dz go to
+    float16 products): |dz| <= |dl| + |C + g| <= 2 max|dO . v| + max|g|, max|dO . v| <= Dv max|dO| max|v|."""
     hk = k.shape[1]
     # the largest magnitudes of q, k, v, dO and g per (batch, kv-head) in one (5, B, Hk) tensor
     amax = torch.stack([_group_amax(x, hk) for x in (q, k, v, do, g)])
@@ -623,7 +619,7 @@ def _backward_operands(c, do, g, q, k, v, scale):
         dz_scale = torch.exp2(torch.where(ok, 15.0 - torch.log2(torch.where(ok, bound, 1.0)), 0.0).floor()
                               .clamp(-100, 100))
     gdz = grad * dz_scale
-    table = torch.stack([1.0 / (s_q * s_k), grad, dz_scale, scale / (gdz * s_k), scale / (gdz * s_q), 1.0 / s_do,
+    table = torch.stack([1.0 / (s_q * s_k), gdz, dz_scale, scale / (gdz * s_k), scale / (gdz * s_q), 1.0 / s_do,
                          torch.zeros_like(grad), torch.zeros_like(grad)], dim=-1)
     return do, q, k, v, table.float()
 
