@@ -37,17 +37,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _log2_1p(e, SHORT: tl.constexpr):
     """log2(1 + e) for e in [0, 1] as e * p(e): p interpolates log2(1 + x) / x at Chebyshev points of [0, 1]
-    (degree 9, or 7 under 16-bit inputs, SHORT). Evaluated in float32 it is within 2e-7 (4e-7) of the exact value,
+    (degree 9, or 5 under 16-bit inputs, SHORT). Evaluated in float32 it is within 2e-7 (1e-5) of the exact value,
     relative, down to the smallest e: a proper log1p, with FMAs only (no log, no division, no special-function
-    unit, whose fast log is only absolutely accurate near 1)."""
+    unit, whose fast log is only absolutely accurate near 1). 1e-5 of log(1 + e) per key is far below what a 16-bit
+    output can show."""
     if SHORT:
-        p = e * -0.012077020270226058 + 0.06274843357442705
-        p = p * e - 0.15415200643644766
-        p = p * e + 0.25517634921667565
-        p = p * e - 0.35309635334201506
-        p = p * e + 0.4800124607953494
-        p = p * e - 0.7213067574280064
-        p = p * e + 1.442694724590345
+        p = e * -0.033822045969008445 + 0.14447109569887714
+        p = p * e - 0.30163800973506666
+        p = p * e + 0.46865887914367604
+        p = p * e - 0.7203587726757784
+        p = p * e + 1.4426814680651523
     else:
         p = e * -0.0045820817380445075 + 0.02819390732038301
         p = p * e - 0.08132993201834325
@@ -273,7 +272,7 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
-              seq_start, seq_end, nb_lo, nb_hi, qk_scale, dz_scale, T, CHUNK,
+              seq_start, seq_end, nb_lo, nb_hi, qk_scale, log2_dz_scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
               SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -295,12 +294,13 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
             b_lom = tl.where(m_vis, b_lom, 0.0)
             b_beta = tl.where(m_vis, b_beta, 0.0)
         b_cum = _cumsum(b_lom, TRI_L, True, SCAN_L, UPCAST)
-        b_a = tl.exp2(b_lb + (b_w[:, None] + b_cum))
+        # A times dz_scale (a power of two that keeps dl, C and dz inside float16's range, see _backward_operands):
+        # every gradient-side number below carries that scale
+        b_a = tl.exp2(b_lb + ((b_w + log2_dz_scale)[:, None] + b_cum))
         if MASKED:
             b_a = tl.where(m_vis, b_a, 0.0)
-        # dl_ij = dLoss / dlog A_ij = A_ij (dO_i . v_j), times dz_scale (a power of two that keeps dl, C and dz
-        # inside float16's range, see _backward_operands): every gradient-side number below carries that scale
-        b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION) * dz_scale
+        # dl_ij = dLoss / dlog A_ij = A_ij (dO_i . v_j)
+        b_dl = b_a * tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_dl_sum = tl.sum(b_dl, axis=1)
         # dz_ik = dl_ik (1 - beta_ik) - beta_ik (C_ik + g_i), C_ik = sum_{j<k} dl_ij: here only the j of this tile
         b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, False, SCAN_DL, UPCAST) + b_g[:, None])
@@ -331,7 +331,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
     SC += (i_b * (H // GROUP) + i_h // GROUP) * 8
     qk_scale = scale * 1.4426950408889634 * tl.load(SC)
     g_scale = tl.load(SC + 1)
-    dz_scale = tl.load(SC + 2)
+    log2_dz_scale = tl.load(SC + 6)
 
     Q += i_b * s_qb + i_h * s_qh
     K += i_b * s_kb + (i_h // GROUP) * s_kh
@@ -361,12 +361,12 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, dz_scale, T,
-                                    CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, log2_dz_scale,
+                                    T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
                                     SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, dz_scale, T,
-                                    CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, log2_dz_scale,
+                                    T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
                                     SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     # delta_i = sum_j dl_ij, the float32 sum of the very dl both kernels recompute, stored with g added: the
     # key-major kernel's C_ik + g_i starts from it
@@ -503,8 +503,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUN
 # 5. launchers, custom op, autograd
 # ---------------------------------------------------------------------------------------------------------------
 # Tile shapes per kernel, by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1 - beta),
-# scan of dl[, maxnreg]), the scans as _cumsum's PARTS; float32 inputs always scan with tl.cumsum. The interpreter uses small mixed
-# shapes (BLOCK_N != BLOCK_M exercises every diagonal case). benchmarks/bench_attention.py --sweep tunes these.
+# scan of dl[, maxnreg]), the scans as _cumsum's PARTS; float32 inputs always scan with tl.cumsum. The
+# interpreter uses small mixed shapes (BLOCK_N != BLOCK_M exercises every diagonal case).
+# benchmarks/bench_attention.py --sweep tunes these. Every kernel's tile is [queries, keys]; the tensor cores'
+# fast (wgmma) path wants 64 rows per warpgroup, so BLOCK_M is 64 per 4 warps.
 CONFIGS = {
     "interpret": {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 64, 4, 1, 2, 1), "dkdv": (32, 64, 4, 1, 2, 1)},
     # measured on an H100 (benchmarks/results/): the elementwise work is register-hungry, small tiles win
@@ -594,8 +596,8 @@ def _v_operand(c, v):
 
 def _backward_operands(c, do, g, q, k, v, scale):
     """The backward's operands (float16 copies of bfloat16 ones, else the inputs) and a table (B, Hk, 8) of the
-    scales the kernels fold in: [1 / (s_q s_k) for the logits, G dz_scale for g, dz_scale, and the factors that turn
-    the accumulators into dq, dk, dv].
+    scales the kernels fold in: [1 / (s_q s_k) for the logits, G dz_scale for g, dz_scale, the factors that turn
+    the accumulators into dq, dk, dv, log2(dz_scale)].
 
     With G = s_dO s_v the product of the copies gives G dO.v; the kernels multiply dl by dz_scale, a power of two
     such that G dz_scale |dl|, |C + g| and |dz| stay below 2^15 however the head's numbers fall (dl, C and dz go to
@@ -620,7 +622,7 @@ def _backward_operands(c, do, g, q, k, v, scale):
                               .clamp(-100, 100))
     gdz = grad * dz_scale
     table = torch.stack([1.0 / (s_q * s_k), gdz, dz_scale, scale / (gdz * s_k), scale / (gdz * s_q), 1.0 / s_do,
-                         torch.zeros_like(grad), torch.zeros_like(grad)], dim=-1)
+                         torch.log2(dz_scale), torch.zeros_like(grad)], dim=-1)
     return do, q, k, v, table.float()
 
 

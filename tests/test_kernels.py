@@ -28,7 +28,7 @@ def _log2_1p_kernel(E, OUT, N, SHORT: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(OUT + o, K._log2_1p(tl.load(E + o, mask=m, other=0.0), SHORT), mask=m)
 
 
-@pytest.mark.parametrize("short,bound", [(False, 2e-7), (True, 4e-7)])
+@pytest.mark.parametrize("short,bound", [(False, 2e-7), (True, 1e-5)])
 def test_log1p_polynomial_is_relatively_accurate_down_to_tiny_e(short, bound):
     # log2(1 + e) for e = exp(-|logit|) in (0, 1]: the long regime needs a relative error, not an absolute one
     g = torch.Generator().manual_seed(0)
