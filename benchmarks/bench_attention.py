@@ -73,15 +73,16 @@ def flex_fwd(q, k, v):
 
 CANDIDATES = {
     # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg]), the scans as
-    # kernels/attention.py's _cumsum PARTS. Earlier sweeps (results/) found larger tiles spilling and both
-    # fewer (2) and more (8, 16) warps per tile slower.
+    # kernels/attention.py's _cumsum PARTS. Every tile is [queries, keys]; the tensor cores' wgmma path needs 64
+    # query rows per 4 warps. Earlier sweeps (results/, benchmarks/README.md) found larger tiles spilling, 16-key
+    # tiles and 8 warps on 64 rows slower, and num_stages=1 on the key-major kernel failing (illegal address).
     128: {
-        "fwd": [(64, 32, 4, 3, 2, 1, 168)],
-        "dq": [(128, 32, 8, 4, 2, 1), (128, 32, 8, 3, 2, 1)],
-        "dkdv": [(64, 32, 4, 2, 2, 1)],
+        "fwd": [(64, 32, 4, 3, 2, 1, 168), (64, 32, 4, 4, 2, 1, 168)],
+        "dq": [(128, 32, 8, 3, 2, 1), (128, 32, 8, 4, 2, 1), (64, 32, 4, 3, 2, 1)],
+        "dkdv": [(64, 32, 4, 2, 2, 1), (64, 32, 4, 3, 2, 1)],
     },
     64: {
-        "fwd": [(64, 32, 4, 4, 2, 1, 168)],
+        "fwd": [(64, 32, 4, 4, 2, 1, 168), (64, 32, 4, 3, 2, 1, 168)],
         "dq": [(64, 32, 4, 3, 2, 1), (64, 32, 4, 2, 2, 1)],
         "dkdv": [(64, 32, 4, 3, 2, 1), (64, 32, 4, 2, 2, 1)],
     },
