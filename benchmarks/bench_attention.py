@@ -208,8 +208,8 @@ def main():
             rf = base[0] / t_f if base else float("nan")
             rfb = base[1] / t_fb if base else float("nan")
             rows.append(((B, H, T, D), name, t_f, flops / t_f * 1e-9, t_fb, 3.5 * flops / t_fb * 1e-9, rf, rfb))
-            print(f"{(B, H, T, D)} {name:12s} fwd {t_f:7.3f} ms {rows[-1][3]:6.1f} TF/s ({rf:.2f}x flash)  "
-                  f"fwd+bwd {t_fb:7.3f} ms {rows[-1][5]:6.1f} TF/s ({rfb:.2f}x flash)", flush=True)
+            print(f"{(B, H, T, D)} {name:12s} fwd {t_f:7.3f} ms {rows[-1][3]:6.1f} TF/s ({rf:.3f}x flash)  "
+                  f"fwd+bwd {t_fb:7.3f} ms {rows[-1][5]:6.1f} TF/s ({rfb:.3f}x flash)", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     acc = accuracy_rows()
@@ -228,7 +228,7 @@ def main():
           "| fwd+bwd vs flash |",
           "|---|---|---|---|---|---|---|---|"]
     for shape, name, t_f, tf_f, t_fb, tf_fb, rf, rfb in rows:
-        md.append(f"| {shape} | {name} | {t_f:.3f} | {tf_f:.1f} | {rf:.2f}x | {t_fb:.3f} | {tf_fb:.1f} | {rfb:.2f}x |")
+        md.append(f"| {shape} | {name} | {t_f:.3f} | {tf_f:.1f} | {rf:.3f}x | {t_fb:.3f} | {tf_fb:.1f} | {rfb:.3f}x |")
     md += ["", "## Accuracy vs the float64 oracle (B=1, Hq=2, Hk=1, T=2048, D=128, attend_current=False)", "",
            "Relative Frobenius error on the same rounded inputs; loss = (o*dO).sum() + (rem*dRem).sum().", "",
            "| dtype | regime | o | rem | dq | dk | dv |", "|---|---|---|---|---|---|---|"]

@@ -5,7 +5,8 @@
 
 The story, in the order of this file (kernels/README.md has the derivations):
 
-1. ``_log_sigmoids``: log(beta) and log(1 - beta) of a tile of logits, accurate to float32 everywhere.
+1. ``_log_sigmoids``: log(beta) and log(1 - beta) of a tile of logits (and beta, 1 - beta for the backward),
+   accurate to float32 everywhere, with a polynomial log1p and no division.
 2. ``_fwd_kernel``: a program owns a query block and walks key blocks from the diagonal back to the start of its
    sequence, carrying per row S = sum of log(1 - beta) over the keys already visited. Inside a tile
    log A = log beta + S + (reverse exclusive cumsum of log(1 - beta) along the keys), all in base 2.
@@ -13,13 +14,16 @@ The story, in the order of this file (kernels/README.md has the derivations):
    needs the dl of keys not yet walked goes through a carried X = sum beta k. It stores, at every chunk boundary,
    the carries (W, R) = (sum log(1 - beta), sum dl) of the keys right of the boundary; at the end delta = sum dl.
 4. ``_bwd_dkdv_kernel`` (key-major): one program per (chunk of keys, kv-head) walks its key blocks right to left;
-   for each, all later query blocks of every q-head of the GQA group. The carries of the query rows come from
-   the chunk's slice of the table, which this program alone reads and rewrites: no atomics, deterministic.
-5. ``torch.library.custom_op`` registration (forward, backward, fakes, autograd) and the public function.
+   for each, all later query blocks of every q-head of the GQA group, in [queries, keys] tiles with dk and dv
+   accumulated transposed. The carries of the query rows come from the chunk's slice of the table, which this
+   program alone reads and rewrites: no atomics, deterministic.
+5. Launchers (16-bit operands as float16 copies scaled by powers of two, so that every product of a computed tile
+   is one float16 product), ``torch.library.custom_op`` registration (forward, backward, fakes, autograd) and the
+   public function.
 
 Every kernel runs compiled on a GPU and under TRITON_INTERPRET=1 on the CPU, where bfloat16 arithmetic is not
-trustworthy: there every tile is upcast to float32 right after its load (and products fed to a dot are rounded
-to the input dtype first, so the interpreter sees the same roundings as the GPU).
+trustworthy: there every tile is upcast to float32 right after its load (and tiles fed to a dot are rounded to
+the operand dtype first, so the interpreter sees the same roundings as the GPU).
 """
 import os
 from typing import Optional
