@@ -105,6 +105,22 @@ def test_bfloat16_far_outside_float16_range(v_scale, grad_scale):
     run_and_check(q, k, v, scale, False, grad_scale=grad_scale, label=f"v x {v_scale}, dO x {grad_scale}")
 
 
+def test_float16_copies_keep_every_bfloat16_bit():
+    # the operands of the 16-bit products: bfloat16 scaled by a power of two per (batch, kv-head), as float16;
+    # the q-heads of a GQA group (here 2 per kv-head) share one scale
+    g = torch.Generator().manual_seed(4)
+    spread = torch.exp2(torch.randint(-16, 16, (2, 4, 64, 32), generator=g).float())
+    x = (torch.randn(2, 4, 64, 32, generator=g) * spread).to(torch.bfloat16)
+    s = K._pow2_scale(K._group_amax(x, 2))
+    assert s.shape == (2, 2) and torch.all(torch.log2(s) == torch.round(torch.log2(s)))
+    back = K._scaled_f16(x, s).double() / s.double().repeat_interleave(2, 1)[:, :, None, None]
+    amax = K._group_amax(x, 2).double().repeat_interleave(2, 1)[:, :, None, None]
+    normal = x.double().abs() >= amax * 2.0 ** -27
+    assert 0.5 < normal.float().mean() < 1  # most values, and some below float16's normal range
+    assert torch.equal(back[normal], x.double()[normal])
+    assert ((back - x.double()).abs() <= amax * 2.0 ** -37).all()
+
+
 @pytest.mark.parametrize("regime", ["random", "saturated"])
 def test_bfloat16_split_products(regime, monkeypatch):
     # the alternative to the forward's float16 product: A as a bfloat16 hi + lo pair
