@@ -1,0 +1,115 @@
+"""Registers, spills and instruction mix of each kernel compiled for an H100 (sm_90), on any machine.
+
+    python benchmarks/compile_report.py [--dims 128,64] [--kernels fwd,dq,dkdv] [--out DIR]
+
+No GPU needed: the kernels of kernels/attention.py are compiled with `triton.compile` for
+`GPUTarget("cuda", 90, 32)`, with the tiles in CONFIGS for bfloat16 inputs (so the backward's operands are the
+float16 copies it makes), and the ptxas and nvdisasm that ship with triton report on the result. Per kernel:
+registers, spill bytes, and counts of the SASS instructions that decide speed here: HGMMA (Hopper's wgmma
+tensor-core path) against HMMA (the older one), MUFU (the special-function unit: exp2), the float32 ALU
+(FFMA, FADD, FMUL, FMNMX, FSEL, FSETP), conversions and packs (F2F, F2FP), local memory (LDL, STL: spills).
+Counts are static (the whole kernel, both the diagonal and the off-diagonal loop), to compare versions, not to
+time them. The triton version here may differ from a GPU machine's; `--out` keeps PTX and SASS for reading.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import sb_ref.kernels.attention as K  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "F2F", "F2FP", "LDL", "STL"]
+# pointer arguments by kernel, for bfloat16 inputs: the backward reads float16 copies (_backward_operands)
+POINTERS = {
+    "fwd": dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", CU="i32", INV_SCALE_V="fp32"),
+    "dq": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", REM="fp32", DREM="fp32", DQ="bf16", DELTA="fp32",
+               TW="fp32", TR="fp32", CU="i32", SC="fp32"),
+    "dkdv": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", DELTA="fp32", TW="fp32", TR="fp32", DK="bf16",
+                 DV_="bf16", CU="i32", SC="fp32"),
+}
+KERNELS = {"fwd": K._fwd_kernel, "dq": K._bwd_dq_kernel, "dkdv": K._bwd_dkdv_kernel}
+
+
+def compile_kernel(name, dim):
+    """triton.compile of one kernel as a launch with bfloat16 inputs of head dim `dim` would specialise it."""
+    fn = KERNELS[name]
+    bm, bn, warps, stages, scan_l, scan_dl, extra = K._config(name, dim, K.torch.bfloat16, K.torch.device("cuda"))
+    values = dict(D=dim, DV=dim, BLOCK_D=dim, BLOCK_DV=dim, VARLEN=False, ATTEND_CURRENT=False, UPCAST=False,
+                  DOT_DTYPE=tl.bfloat16 if name == "fwd" else tl.float16, OP_DTYPE=tl.float16, PRECISION="ieee",
+                  SPLIT_A=False, SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[arg], constexprs[arg] = "constexpr", values[arg]
+        elif arg in POINTERS[name]:
+            signature[arg] = "*" + POINTERS[name][arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        elif arg.startswith("s_") and arg.endswith("d"):
+            signature[arg], constexprs[arg] = "constexpr", 1  # unit strides are specialised to 1 at launch
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("s_") or arg in ("T", "CHUNK"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = dict(num_warps=warps, num_stages=stages, **extra)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options), (bm, bn, warps, stages, extra.get("maxnreg"))
+
+
+def report(compiled):
+    """(registers, spill store bytes, Counter of SASS opcodes, SASS text) of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        maxnreg = getattr(compiled.metadata, "maxnreg", None)
+        ptxas = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                                os.path.join(tmp, "check.cubin")] + (["--maxrregcount", str(maxnreg)] if maxnreg else []),
+                               capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    registers = int(re.search(r"Used (\d+) registers", ptxas).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", ptxas).group(1))
+    ops = collections.Counter(m.group(1).split(".")[0] for m in
+                              re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M))
+    return registers, spills, ops, sass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dims", default="128,64", help="padded head dims, comma-separated")
+    ap.add_argument("--kernels", default="fwd,dq,dkdv")
+    ap.add_argument("--out", default=None, help="folder for each kernel's PTX and SASS")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, sm_90, bfloat16 inputs; static instruction counts")
+    print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages, maxnreg) | registers | spill bytes | "
+          + " | ".join(OPS) + " |")
+    print("|---" * (5 + len(OPS)) + "|")
+    for dim in (int(d) for d in args.dims.split(",")):
+        for name in args.kernels.split(","):
+            compiled, tiles = compile_kernel(name, dim)
+            registers, spills, ops, sass = report(compiled)
+            print(f"| {name} | {dim} | {tiles} | {registers} | {spills} | " + " | ".join(str(ops[o]) for o in OPS)
+                  + " |", flush=True)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):
+                    with open(os.path.join(args.out, f"{name}_{dim}.{ext}"), "w") as f:
+                        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The Triton kernels compile for an H100 (sm_90) on a machine without a GPU, and every kernel's products take
+Hopper's tensor-core path (wgmma), which the interpreter cannot tell: benchmarks/compile_report.py."""
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="this triton ships no ptxas")
+def test_kernels_compile_for_sm90_on_the_wgmma_path():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_report.py"), "--dims", "128"],
+                         env=env, capture_output=True, text=True, timeout=600, check=True).stdout
+    lines = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "kernel" not in line]
+    header = next(line for line in out.splitlines() if line.startswith("| kernel")).split("|")[1:-1]
+    rows = {cells[0].strip(): dict(zip((h.strip() for h in header), (c.strip() for c in cells))) for cells in lines}
+    assert set(rows) == {"fwd", "dq", "dkdv"}, out
+    for name, row in rows.items():
+        assert int(row["HGMMA"]) > 0 and int(row["HMMA"]) == 0, f"{name} is off the wgmma path:\n{out}"
+        assert int(row["registers"]) <= 255 and int(row["MUFU"]) > 0
