@@ -6,7 +6,8 @@
 The story, in the order of this file (kernels/README.md has the derivations):
 
 1. ``_log_sigmoids``: log(beta) and log(1 - beta) of a tile of logits (and beta, 1 - beta for the backward),
-   accurate to float32 everywhere, with a polynomial log1p and no division.
+   relatively accurate everywhere (to float32 for float32 inputs, 1e-5 for 16-bit ones), with a polynomial
+   log1p and no division.
 2. ``_fwd_kernel``: a program owns a query block and walks key blocks from the diagonal back to the start of its
    sequence, carrying per row S = sum of log(1 - beta) over the keys already visited. Inside a tile
    log A = log beta + S + (reverse exclusive cumsum of log(1 - beta) along the keys), all in base 2.
