@@ -75,7 +75,8 @@ CANDIDATES = {
     # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg]), the scans as
     # kernels/attention.py's _cumsum PARTS. Every tile is [queries, keys]; the tensor cores' wgmma path needs 64
     # query rows per 4 warps. Earlier sweeps (results/, benchmarks/README.md) found larger tiles spilling, 16-key
-    # tiles and 8 warps on 64 rows slower, and num_stages=1 on the key-major kernel failing (illegal address).
+    # tiles and 8 warps on 64 rows slower, and num_stages=1 on the 64 x 32 key-major tile failing (illegal
+    # address).
     128: {
         "fwd": [(64, 32, 4, 3, 2, 1, 168), (64, 32, 4, 4, 2, 1, 168)],
         "dq": [(128, 32, 8, 3, 2, 1), (128, 32, 8, 4, 2, 1), (64, 32, 4, 3, 2, 1)],
@@ -89,9 +90,12 @@ CANDIDATES = {
 }
 
 
+KERNEL_T = 4096  # sequence length of the per-kernel timings (--kernel-t)
+
+
 def _problem(D):
-    B, H, T = (4, 12, 4096) if D == 128 else (8, 16, 4096)
-    q, k, v = inputs(B, H, T, D)
+    B, H = (4, 12) if D == 128 else (8, 16)
+    q, k, v = inputs(B, H, KERNEL_T, D)
     scale = D ** -0.5
     o, rem = K._forward(q, k, v, scale, False, None)
     do = torch.randn_like(o)
@@ -102,7 +106,8 @@ def _problem(D):
     # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
     return {"fwd": lambda: K._forward(q, k, v, scale, False, None),
             "dq": lambda: K._backward_dq(c, ops, drem, rem, False),
-            "dkdv": lambda: K._backward_dkdv(c, ops, delta_g, tw, tr, chunk, False)}
+            "dkdv": lambda: K._backward_dkdv(c, ops, delta_g, tw, tr, chunk, False),
+            "op": sb_fwd(q, k, v)}
 
 
 def _time_kernel(label, kernel, fn):
@@ -120,8 +125,7 @@ def _time_kernel(label, kernel, fn):
 
 
 def sweep(D):
-    """Times the candidate tiles of each kernel on its own at (4, 12, 4096, D) and keeps the fastest in
-    K.CONFIGS."""
+    """Times the candidate tiles of each kernel on its own at (4, 12, T, D) and keeps the fastest in K.CONFIGS."""
     run = _problem(D)
     lines = []
     for kernel, options in CANDIDATES[D].items():
@@ -144,9 +148,20 @@ def ablations(D=128):
 
     def timed(label):
         run = _problem(D)
-        lines.extend(_time_kernel(f"D={D} {label:28s}", kernel, run[kernel])[1] for kernel in ("fwd", "dq", "dkdv"))
+        times = []
+        for kernel in ("fwd", "dq", "dkdv"):
+            t, line = _time_kernel(f"D={D} {label:28s}", kernel, run[kernel])
+            times.append(t)
+            lines.append(line)
+        return run, times
 
-    timed("as chosen")
+    run, times = timed("as chosen")
+    if None not in times:
+        # what the op costs beyond its three kernels: operand copies, scales, tables, launches, autograd
+        full = time_pair(run["op"])[1]
+        lines.append(f"D={D} forward+backward of the op {full:.3f} ms, of which outside the kernels "
+                     f"{full - sum(times):.3f} ms")
+        print(lines[-1], flush=True)
     K.F16_PRODUCTS = False
     timed("A v as bfloat16 hi/lo pair")
     K.F16_PRODUCTS = True
@@ -180,7 +195,10 @@ def main():
                     help="head dims to sweep, e.g. 128")
     ap.add_argument("--ablate", action="store_true", help="time the kernels with cheaper pieces swapped in")
     ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
+    ap.add_argument("--kernel-t", type=int, default=4096, help="sequence length of --sweep and --ablate")
     args = ap.parse_args()
+    global KERNEL_T
+    KERNEL_T = args.kernel_t
     from torch.nn.attention import SDPBackend
 
     sweep_lines = [line for D in args.sweep_dims for line in sweep(D)] if args.sweep else []
@@ -235,7 +253,7 @@ def main():
     for dt, regime, e in acc:
         md.append(f"| {dt} | {regime} | " + " | ".join(f"{e[n]:.2e}" for n in ("o", "rem", "dq", "dk", "dv")) + " |")
     if sweep_lines:
-        md += ["", "## Tile sweep and ablations at (4, 12, 4096, 128) and (8, 16, 4096, 64)", "", "```"]
+        md += ["", f"## Tile sweep and ablations at (4, 12, {KERNEL_T}, 128) and (8, 16, {KERNEL_T}, 64)", "", "```"]
         md += sweep_lines + ["```"]
     text = "\n".join(md) + "\n"
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_{now[:10]}.md")
