@@ -238,7 +238,7 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                 VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-                SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                SCAN_L: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
@@ -638,14 +638,14 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages, scan_l, scan_dl, extra = _config("fwd", max(c["block_d"], c["block_dv"]), q.dtype,
-                                                            q.device)
+    bm, bn, warps, stages, scan_l, _, extra = _config("fwd", max(c["block_d"], c["block_dv"]), q.dtype,
+                                                      q.device)
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
     if grid[1] > 0:
         v_op, inv_scale = _v_operand(c, v)
         COMPILED["fwd"] = _fwd_kernel[grid](
             q, k, v_op, o, rem, c["cu"], inv_scale, float(scale), T, *q.stride(), *k.stride(), *v_op.stride(),
-            *o.stride(), H=H, SCAN_L=scan_l, SCAN_DL=scan_dl, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            *o.stride(), H=H, SCAN_L=scan_l, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
             num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], SPLIT_A=c["split_a"],
             **extra, **_kernel_args(c, attend_current, c["dot_dtype"]))
     return o, rem
