@@ -7,7 +7,8 @@ No GPU needed: the kernels of kernels/attention.py are compiled with `triton.com
 float16 copies it makes), and the ptxas and nvdisasm that ship with triton report on the result. Per kernel:
 registers, spill bytes, and counts of the SASS instructions that decide speed here: HGMMA (Hopper's wgmma
 tensor-core path) against HMMA (the older one), MUFU (the special-function unit: exp2), the float32 ALU
-(FFMA, FADD, FMUL, FMNMX, FSEL, FSETP), conversions and packs (F2F, F2FP), local memory (LDL, STL: spills).
+(FFMA, FADD, FMUL, FMNMX, FSEL, FSETP), bit logic (LOP3: also the sign flips the compiler could not fold into
+an FMA), conversions and packs (F2F, F2FP), local memory (LDL, STL: spills).
 Counts are static (the whole kernel, both the diagonal and the off-diagonal loop), to compare versions, not to
 time them. The triton version here may differ from a GPU machine's; `--out` keeps PTX and SASS for reading.
 """
@@ -28,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import sb_ref.kernels.attention as K  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "F2F", "F2FP", "LDL", "STL"]
+OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "LOP3", "F2F", "F2FP", "LDL", "STL"]
 # pointer arguments by kernel, for bfloat16 inputs: the backward reads float16 copies (_backward_operands)
 POINTERS = {
     "fwd": dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", CU="i32", INV_SCALE_V="fp32"),
@@ -76,9 +77,10 @@ def report(compiled):
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         maxnreg = getattr(compiled.metadata, "maxnreg", None)
+        cap = ["--maxrregcount", str(maxnreg)] if maxnreg else []
         ptxas = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o",
-                                os.path.join(tmp, "check.cubin")] + (["--maxrregcount", str(maxnreg)] if maxnreg else []),
-                               capture_output=True, text=True, check=True).stderr
+                                os.path.join(tmp, "check.cubin")] + cap, capture_output=True, text=True,
+                               check=True).stderr
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
                               check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", ptxas).group(1))
