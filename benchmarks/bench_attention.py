@@ -101,7 +101,7 @@ def _problem(D):
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
     c = dict(K._common(q, k, v, None), scale=scale)
-    ops = K._backward_operands(c, do, drem * rem, q, k, v, scale)
+    ops = K._backward_operands(c, do, drem * rem, q, k, v)
     dq, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, False)
     # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
     return {"fwd": lambda: K._forward(q, k, v, scale, False, None),

@@ -601,7 +601,7 @@ def _v_operand(c, v):
     return _scaled_f16(v, s), 1.0 / s
 
 
-def _backward_operands(c, do, g, q, k, v, scale):
+def _backward_operands(c, do, g, q, k, v):
     """The backward's operands (float16 copies of bfloat16 ones, else the inputs) and a table (B, Hk, 8) of the
     scales the kernels fold in: [1 / (s_q s_k) for the logits, G dz_scale for g, dz_scale, the factors that turn
     the accumulators into dq, dk, dv, log2(dz_scale)].
@@ -628,6 +628,7 @@ def _backward_operands(c, do, g, q, k, v, scale):
         dz_scale = torch.exp2(torch.where(ok, 15.0 - torch.log2(torch.where(ok, bound, 1.0)), 0.0).floor()
                               .clamp(-100, 100))
     gdz = grad * dz_scale
+    scale = c["scale"]
     table = torch.stack([1.0 / (s_q * s_k), gdz, dz_scale, scale / (gdz * s_k), scale / (gdz * s_q), 1.0 / s_do,
                          torch.log2(dz_scale), torch.zeros_like(grad)], dim=-1)
     return do, q, k, v, table.float()
@@ -663,7 +664,7 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     c["scale"] = scale
     drem = drem.to(torch.float32).contiguous()
-    ops = _backward_operands(c, do, drem * rem, q, k, v, scale)
+    ops = _backward_operands(c, do, drem * rem, q, k, v)
     dq, delta_g, tw, tr, chunk = _backward_dq(c, ops, drem, rem, attend_current)
     dk, dv = _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current)
     return dq, dk, dv
@@ -673,7 +674,6 @@ def _kernel_args(c, attend_current, dot_dtype):
     return dict(GROUP=c["group"], N_SEQ=c["n_seq"], D=c["D"], DV=c["DV"], VARLEN=c["varlen"],
                 ATTEND_CURRENT=bool(attend_current), UPCAST=c["upcast"], DOT_DTYPE=dot_dtype,
                 PRECISION=c["precision"], BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"])
-
 
 
 def _backward_dq(c, ops, drem, rem, attend_current):
