@@ -312,8 +312,9 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
         # dz_ik = dl_ik (1 - beta_ik) - beta_ik (C_ik + g_i), C_ik = sum_{j<k} dl_ij: here only the j of this tile
         b_dz = b_dl * b_om - b_beta * (_cumsum(b_dl, TRI_C, False, SCAN_DL, UPCAST) + b_g[:, None])
         b_dq = tl.dot(_round(b_dz, DOT_DTYPE, UPCAST), b_k, b_dq, input_precision=PRECISION)
-        # ... the j of this tile with the k of the tiles already walked: dl_ij times X_i = sum_k beta_ik k_k
-        b_dq -= b_dl_sum[:, None] * b_x
+        # ... the j of this tile with the k of the tiles already walked: dl_ij times X_i = sum_k beta_ik k_k (the
+        # sign on the row sums, where it costs one negation per row instead of one per element of X)
+        b_dq += (-b_dl_sum)[:, None] * b_x
         b_x = tl.dot(_round(b_beta, DOT_DTYPE, UPCAST), b_k, b_x, input_precision=PRECISION)
         b_w += tl.sum(b_lom, axis=1)
         b_r += b_dl_sum
@@ -518,7 +519,7 @@ CONFIGS = {
     "interpret": {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 64, 4, 1, 2, 1), "dkdv": (32, 64, 4, 1, 2, 1)},
     # measured on an H100 (benchmarks/results/): the elementwise work is register-hungry, small tiles win
     64: {"fwd": (64, 32, 4, 4, 2, 1, 168), "dq": (64, 32, 4, 3, 2, 1), "dkdv": (64, 32, 4, 3, 2, 1)},
-    128: {"fwd": (64, 32, 4, 3, 2, 1, 168), "dq": (128, 32, 8, 3, 2, 1), "dkdv": (64, 32, 4, 2, 2, 1)},
+    128: {"fwd": (64, 32, 4, 3, 2, 1, 168), "dq": (64, 32, 4, 3, 2, 1), "dkdv": (64, 32, 4, 2, 2, 1)},
     256: {"fwd": (64, 32, 4, 1, 2, 1), "dq": (32, 32, 4, 1, 2, 1), "dkdv": (32, 32, 4, 1, 2, 1)},
     "float32": {"fwd": (64, 32, 4, 1, 0, 0), "dq": (32, 32, 4, 1, 0, 0), "dkdv": (32, 32, 4, 1, 0, 0)},
 }
