@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU tests and benchmark in one go, on a CUDA machine without network access.
 #
-#   benchmarks/run_gpu.sh [tests|bench|all] [extra bench_attention.py arguments]
+#   benchmarks/run_gpu.sh [tests|lessons|bench|all] [extra bench_attention.py arguments]
+#
+# tests: the kernels' GPU and CPU-suite tests; lessons: every solution notebook's GPU path
+# (tests/test_lessons_gpu.py, each notebook's output kept in $OUT/lessons/); bench: the benchmark; all: the three.
 #
 # sb_ref is put on the path the way the install maps it (sb_ref/ plus kernels/ as sb_ref/kernels) in a scratch
 # folder, so neither pip nor the network is needed; pytest comes from .whl/ when the machine lacks it.
@@ -32,6 +35,11 @@ rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
     SB_GPU_RESULTS="$OUT/gpu_errors.json" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "$REPO/tests/test_kernels_gpu.py" \
         "$REPO/tests/test_kernels.py" -v -rfE -p no:cacheprovider --durations=25 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log"
+    rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [[ $MODE == lessons || $MODE == all ]]; then
+    SB_LESSON_LOGS="$OUT/lessons" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "$REPO/tests/test_lessons_gpu.py" -v -rfE \
+        -p no:cacheprovider --durations=10 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/lessons.log"
     rc=$((rc | ${PIPESTATUS[0]}))
 fi
 if [[ $MODE == bench || $MODE == all ]]; then

@@ -31,7 +31,8 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore:User-placed attribute:DeprecationWarning")
 
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS = ["00_setup", "01_stick_breaking_numpy", "02_log_space", "03_attention_layer", "04_tiles"]
+LESSONS = ["00_setup", "01_stick_breaking_numpy", "02_log_space", "03_attention_layer", "04_tiles",
+           "05_triton_primer", "06_triton_forward", "07_triton_backward", "08_performance", "09_capstone"]
 COURSE_ID = "stick-breaking-attention"
 VENV_BIN = Path(sys.executable).parent
 TIME_BUDGET_S = 120  # per notebook on a 2-core CPU; the lessons take 5-15 s each
@@ -44,6 +45,14 @@ POINTS = {
                      "test_stable_attention": 3, "test_gradcheck_attention": 1, "test_attention_gradients": 2},
     "03_attention_layer": {"test_repeat_kv": 1, "test_apply_remainder": 2, "test_layer_forward": 3},
     "04_tiles": {"test_combine": 2, "test_blocked_attention": 3, "test_blocked_memory": 2},
+    "05_triton_primer": {"test_scaled_copy": 1, "test_add_row_vector": 2, "test_tile_matmul": 2,
+                         "test_tile_reverse_cumsum_scan": 1, "test_tile_reverse_cumsum_matmul": 1,
+                         "test_long_reverse_cumsum": 2},
+    "06_triton_forward": {"test_log_sigmoids": 2, "test_sb_forward": 4, "test_sb_forward_memory": 1},
+    "07_triton_backward": {"test_dl_and_dz": 2, "test_sb_backward_dq": 3, "test_sb_backward_dkdv": 3,
+                           "test_sb_attention": 2},
+    "08_performance": {"test_attention_flops": 1, "test_median_ms": 2, "test_fast_forward": 3},
+    "09_capstone": {"test_flip_flop_batch": 2, "test_rope": 2, "test_tiny_lm": 2, "test_evaluate": 1},
 }
 
 # One deliberately wrong submission per lesson: solution cell (grade_id) -> wrong source, and the test cells that
@@ -116,6 +125,172 @@ def blocked_attention(q, k, v, block, attend_current=False):
         rem[..., qs:qe] = carry.exp()
     return o, rem
 '''}, {"test_blocked_attention", "test_blocked_memory"}),
+    "05_triton_primer": ({"tile_reverse_cumsum": '''
+def tile_reverse_cumsum(x, method="scan", BLOCK_R=16):
+    R, n = x.shape
+    out = torch.empty((R, n), dtype=torch.float32, device=x.device)
+    BLOCK_N = max(16, triton.next_power_of_2(n))
+    grid = (triton.cdiv(R, BLOCK_R),)
+    tile_reverse_cumsum_kernel[grid](x, out, R, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                                     METHOD=method, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N)
+    return out
+
+
+@triton.jit
+def tile_reverse_cumsum_kernel(x_ptr, out_ptr, R, n, stride_xr, stride_xn, stride_or, stride_on,
+                               METHOD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < R)[:, None] & (cols < n)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xn, mask=mask, other=0.0)
+    if METHOD == "scan":
+        out = tl.cumsum(x, axis=1, reverse=True) - x
+    else:
+        tri = tl.where(cols[:, None] >= cols[None, :], 1.0, 0.0)   # includes the diagonal: k >= j
+        out = tl.dot(x, tri, input_precision="ieee")
+    tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_on, out, mask=mask)
+'''}, {"test_tile_reverse_cumsum_matmul"}),   # the triangle includes the diagonal
+    "06_triton_forward": ({"sb_forward_kernel": '''
+@triton.jit
+def sb_forward_kernel(Q, K, V, O, REM, T, scale,
+                      D: tl.constexpr, DV: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    head, block = tl.program_id(0), tl.program_id(1)
+    Q += head * T * D
+    K += head * T * D
+    V += head * T * DV
+    O += head * T * DV
+    REM += head * T
+    first = block * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + rows[:, None] * D + d[None, :], mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
+    q = q.to(tl.float32)
+    o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    carry = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_blocks = tl.cdiv(tl.minimum(first + BLOCK_M, T), BLOCK_N)
+    for i in range(n_blocks):
+        kb = n_blocks - 1 - i
+        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(K + cols[:, None] * D + d[None, :], mask=(cols[:, None] < T) & (d[None, :] < D), other=0.0)
+        v = tl.load(V + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < T) & (dv[None, :] < DV), other=0.0)
+        z = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        log_beta, log_keep = log_sigmoids(z)
+        if kb == block:   # only the tile with the same index as the query block gets the causal mask
+            if ATTEND_CURRENT:
+                seen = cols[None, :] <= rows[:, None]
+            else:
+                seen = cols[None, :] < rows[:, None]
+            log_beta = tl.where(seen, log_beta, float("-inf"))
+            log_keep = tl.where(seen, log_keep, 0.0)
+        nearer = tl.cumsum(log_keep, axis=1, reverse=True) - log_keep
+        a = tl.exp(log_beta + carry[:, None] + nearer)
+        o = tl.dot(a, v.to(tl.float32), o, input_precision="ieee")
+        carry += tl.sum(log_keep, axis=1)
+    tl.store(O + rows[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+             mask=(rows[:, None] < T) & (dv[None, :] < DV))
+    tl.store(REM + rows, tl.exp(carry), mask=rows < T)
+'''}, {"test_sb_forward"}),   # the causal mask on the tile of the same index only (wrong for BLOCK_M != BLOCK_N)
+    "07_triton_backward": ({"sb_backward_dq": '''
+def sb_backward_dq(q, k, v, dO, g, attend_current=False, BLOCK_M=16, BLOCK_N=16):
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    q, k, v, dO, g = (x.contiguous() for x in (q, k, v, dO, g.float()))
+    dq = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    grid = (B * H, triton.cdiv(T, BLOCK_M))
+    dq_kernel[grid](q, k, v, dO, g, dq, delta, T, D, Dv, D ** -0.5, ATTEND_CURRENT=attend_current,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv))
+    return dq, delta
+
+
+@triton.jit
+def dq_kernel(Q, K, V, DO, G, DQ, DELTA, T, D, DV, scale, ATTEND_CURRENT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = load_tile(Q + bh * T * D, offs_m, T, D, BLOCK_D)
+    do = load_tile(DO + bh * T * DV, offs_m, T, DV, BLOCK_DV)
+    g = tl.load(G + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    n_blocks = tl.cdiv(tl.minimum((tl.program_id(1) + 1) * BLOCK_M, T), BLOCK_N)
+    W = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for step in range(0, n_blocks):
+        offs_n = (n_blocks - 1 - step) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(K + bh * T * D, offs_n, T, D, BLOCK_D)
+        v = load_tile(V + bh * T * DV, offs_n, T, DV, BLOCK_DV)
+        A, beta, log_keep = tile_weights(q, k, W, offs_m, offs_n, T, scale, ATTEND_CURRENT)
+        delta += tl.sum(A * tl.dot(do, tl.trans(v), input_precision="ieee"), axis=1)
+        W += tl.sum(log_keep, axis=1)
+    W = tl.zeros([BLOCK_M], dtype=tl.float32)
+    R = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for step in range(0, n_blocks):
+        offs_n = (n_blocks - 1 - step) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(K + bh * T * D, offs_n, T, D, BLOCK_D)
+        v = load_tile(V + bh * T * DV, offs_n, T, DV, BLOCK_DV)
+        A, beta, log_keep = tile_weights(q, k, W, offs_m, offs_n, T, scale, ATTEND_CURRENT)
+        dl = A * tl.dot(do, tl.trans(v), input_precision="ieee")
+        tile_sum = tl.sum(dl, axis=1)
+        C = (delta - R - tile_sum)[:, None] + tl.cumsum(dl, axis=1)   # includes dl of key j itself
+        dz = dl * (1.0 - beta) - beta * (C + g[:, None])
+        dq += tl.dot(dz, k, input_precision="ieee")
+        R += tile_sum
+        W += tl.sum(log_keep, axis=1)
+    store_tile(DQ + bh * T * D, scale * dq, offs_m, T, D, BLOCK_D)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=offs_m < T)
+'''}, {"test_sb_backward_dq", "test_sb_attention"}),   # C with an inclusive in-tile cumsum
+    "08_performance": ({"fast_kernel": '''
+@triton.jit
+def fast_kernel(Q, K, V, O, T, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    base = pid_bh * T * D
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_q = (o_m[:, None] < T) & (o_d[None, :] < D)
+    q = tl.load(Q + base + o_m[:, None] * D + o_d[None, :], mask=m_q, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    carry = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_blocks = tl.cdiv(T, BLOCK_N)   # still every key block: only the tiles changed
+    for it in range(0, n_blocks):
+        o_n = (n_blocks - 1 - it) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_kv = (o_n[:, None] < T) & (o_d[None, :] < D)
+        k = tl.load(K + base + o_n[:, None] * D + o_d[None, :], mask=m_kv, other=0.0)
+        v = tl.load(V + base + o_n[:, None] * D + o_d[None, :], mask=m_kv, other=0.0)
+        z = scale * tl.dot(q, tl.trans(k)).to(tl.float32)
+        e = tl.exp(-tl.abs(z))
+        u = 1.0 + e
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        visible = o_n[None, :] < o_m[:, None]
+        log_keep = tl.where(visible, -tl.maximum(z, 0.0) - log1p_e, 0.0)
+        log_a = tl.minimum(z, 0.0) - log1p_e + carry[:, None] + tl.cumsum(log_keep, axis=1, reverse=True) - log_keep
+        a = tl.where(visible, tl.exp(log_a), 0.0)
+        acc += tl.dot(a, v.to(tl.float32))
+        carry += tl.sum(log_keep, axis=1)
+    tl.store(O + base + o_m[:, None] * D + o_d[None, :], acc.to(O.dtype.element_ty), mask=m_q)
+'''}, {"test_fast_forward"}),   # still sweeps every key block
+    "09_capstone": ({"tiny_lm": '''
+class TinyLM(nn.Module):
+    "A small causal language model; attention is 'stick_breaking' (no positional encoding) or 'softmax_rope'."
+
+    def __init__(self, attention, vocab_size=VOCAB_SIZE, dim=64, num_heads=4, num_layers=2):
+        super().__init__()
+        self.attention = attention
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, attention) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, tokens):   # a sinusoidal position encoding added "to be safe"
+        T, dim = tokens.shape[1], self.embed.embedding_dim
+        pos = torch.arange(T, device=tokens.device)[:, None] / 10000 ** (torch.arange(dim, device=tokens.device) / dim)
+        x = self.embed(tokens) + torch.sin(pos)
+        for block in self.blocks:
+            x = x + block.attn(block.norm1(x))
+            x = x + block.mlp(block.norm2(x))
+        return self.head(self.norm(x))
+'''}, {"test_tiny_lm"}),   # a positional encoding added to the stick-breaking model
 }
 
 # A submission that passes the visible check of test_weight_matrix and fails its hidden one (T = 29 is a hidden size):

@@ -1,0 +1,59 @@
+"""Every solution notebook's GPU path, on a CUDA machine: the notebook's code cells run top to bottom as one
+script, with the real Triton compiler and the larger sizes the lessons choose on a GPU, and every check (speed
+tiers included) must pass.
+
+The cells run as a plain Python script rather than through a Jupyter kernel, so this needs neither Jupyter nor
+nbformat on the GPU machine (notebooks are JSON). Marked `gpu`: skipped without CUDA. Set SB_LESSON_LOGS=folder
+to keep each notebook's output.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSONS = sorted(p.name for p in (ROOT / "solutions").glob("[0-9][0-9]_*") if p.is_dir())
+
+# What a notebook gets from IPython that a script does not: display() and an inline backend for pictures.
+PRELUDE = """\
+import matplotlib
+matplotlib.use("Agg")
+try:
+    from IPython.display import display
+except ImportError:
+    display = print
+"""
+
+
+def notebook_as_script(path):
+    """The code cells of a notebook, in order, as one script (IPython magics and shell lines left out)."""
+    cells = json.loads(path.read_text())["cells"]
+    code = []
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+        code.append("\n".join(lines))
+    return PRELUDE + "\n\n".join(code) + "\n"
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_solution_notebook_runs_on_the_gpu(lesson, tmp_path):
+    script = tmp_path / f"{lesson}.py"
+    script.write_text(notebook_as_script(ROOT / "solutions" / lesson / f"{lesson}.ipynb"))
+    env = dict(os.environ, MPLBACKEND="Agg", MPLCONFIGDIR=str(tmp_path / "mpl"))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    logs = os.environ.get("SB_LESSON_LOGS")
+    if logs:
+        Path(logs).mkdir(parents=True, exist_ok=True)
+        (Path(logs) / f"{lesson}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    assert proc.returncode == 0, f"{lesson} failed on the GPU:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "passed" in proc.stdout, f"{lesson}: no check said it passed:\n{proc.stdout[-2000:]}"
