@@ -7,7 +7,8 @@
   temporary course root), and holds no solution code, hidden tests or markers;
 - a full nbgrader round trip in that course root: the solutions as one student's submission get full marks, the
   untouched release zero, and a deliberately wrong submission per lesson loses exactly the points of the
-  exercises it breaks (scores read back from the gradebook); a submission that fails only a hidden test loses
+  exercises it breaks (scores read back from the gradebook); for lessons 05-09 another submission answers every
+  exercise wrong, each in its own way, and loses every point; a submission that fails only a hidden test loses
   that test's points; the feedback hides the hidden tests, and their tracebacks.
 
 Jupyter, IPython and matplotlib write only into temporary folders here, never into the home directory.
@@ -293,6 +294,50 @@ class TinyLM(nn.Module):
 '''}, {"test_tiny_lm"}),   # a positional encoding added to the stick-breaking model
 }
 
+# For the Triton-era lessons, a second wrong submission answers EVERY exercise wrong, each with its own plausible
+# mistake, as (solution grade_id, right text, wrong text) edits of the solution: every test cell of the lesson must
+# lose its points (with WRONG, which breaks one exercise and keeps the others, every exercise is shown to be caught).
+WRONG_EVERYWHERE = {
+    "05_triton_primer": [
+        ("scaled_copy", "grid = (triton.cdiv(n, BLOCK),)", "grid = (n // BLOCK,)"),
+        ("add_row_vector", "x.stride(0), x.stride(1), out.stride(0)", "x.shape[1], 1, out.stride(0)"),
+        ("tile_matmul", "grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))",
+         "grid = (triton.cdiv(M, BLOCK_M), 1)"),
+        ("tile_reverse_cumsum", "out = tl.cumsum(x, axis=1, reverse=True) - x", "out = tl.cumsum(x, axis=1, reverse=True)"),
+        ("tile_reverse_cumsum", "cols[:, None] > cols[None, :]", "cols[:, None] >= cols[None, :]"),
+        ("long_reverse_cumsum", "- x + carry", "- x"),
+    ],
+    "06_triton_forward": [
+        ("log_sigmoids", "log1p_e = tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))",
+         "log1p_e = tl.log(u)"),
+        ("sb_forward_kernel", "if kb * BLOCK_N + BLOCK_N > first:", "if kb * BLOCK_N == first:"),
+        ("sb_forward", "q, k, v = q.contiguous(), k.contiguous(), v.contiguous()",
+         "q, k, v = q.contiguous(), k.contiguous(), v.contiguous()\n"
+         "    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()"),
+    ],
+    "07_triton_backward": [
+        ("dl_and_dz", "C = dl.cumsum(-1) - dl", "C = dl.flip(-1).cumsum(-1).flip(-1) - dl"),
+        ("sb_backward_dq", "(tl.cumsum(dl, axis=1) - dl)", "tl.cumsum(dl, axis=1)"),
+        ("sb_backward_dkdv", "R + tile_sum, mask=rows)", "R, mask=rows)"),
+        ("sb_attention", "g = dRem.float() * rem.float()", "g = dRem.float()"),
+    ],
+    "08_performance": [
+        ("attention_flops", "(1 if causal else 2)", "(2 if causal else 1)"),
+        ("median_ms", "    for _ in range(warmup):\n        fn(*args)\n", ""),
+        ("fast_kernel", "tl.cdiv(tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N)", "tl.cdiv(T, BLOCK_N)"),
+    ],
+    "09_capstone": [
+        ("flip_flop_batch", "bits = torch.where(instr == READ, bits.gather(1, last_write), bits)", "bits = bits"),
+        ("rope", "x1, x2 = x[..., 0::2], x[..., 1::2]", "x1, x2 = x[..., : d // 2], x[..., d // 2 :]"),
+        ("tiny_lm", "        x = self.embed(tokens)\n",
+         "        x = self.embed(tokens)\n"
+         "        pos = torch.arange(x.shape[1], device=x.device)[:, None]\n"
+         "        x = x + torch.sin(pos / 10000 ** (torch.arange(x.shape[2], device=x.device) / x.shape[2]))\n"),
+        ("evaluate", "hit = logits[:, :-1].argmax(dim=-1) == tokens[:, 1:]", "hit = logits.argmax(dim=-1) == tokens"),
+        ("evaluate", "read_mask[:, 1:]", "read_mask"),
+    ],
+}
+
 # A submission that passes the visible check of test_weight_matrix and fails its hidden one (T = 29 is a hidden size):
 # its feedback must say that the test failed without showing the hidden test.
 HIDDEN_ONLY = ("01_stick_breaking_numpy", {"weight_matrix": '''
@@ -422,6 +467,15 @@ def nbgrader(env, course, *args, timeout=600):
     return proc
 
 
+def wrong_everywhere_submission(lesson):
+    nb = read(solution_path(lesson))
+    cells = {nbgrader_meta(cell).get("grade_id"): cell for cell in nb.cells}
+    for grade_id, right, wrong in WRONG_EVERYWHERE[lesson]:
+        assert cells[grade_id].source.count(right) == 1, f"{lesson}/{grade_id}: {right!r} is not in the solution once"
+        cells[grade_id].source = cells[grade_id].source.replace(right, wrong)
+    return nb
+
+
 def wrong_submission(lesson, replacements=None):
     nb = read(solution_path(lesson))
     replacements = WRONG[lesson][0] if replacements is None else replacements
@@ -447,6 +501,8 @@ def course(isolated_env, tmp_path_factory):
         submissions = {"solutions": read(solution_path(lesson)),
                        "untouched": read(course / "lessons" / lesson / f"{lesson}.ipynb"),
                        "wrong": wrong_submission(lesson)}
+        if lesson in WRONG_EVERYWHERE:
+            submissions["wrong_everywhere"] = wrong_everywhere_submission(lesson)
         for student, nb in submissions.items():
             folder = course / "submitted" / student / lesson
             folder.mkdir(parents=True)
@@ -504,7 +560,8 @@ def gradebook_scores(course):
     scores = {}
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}", COURSE_ID) as gb:
         for lesson in LESSONS:
-            for student in ("solutions", "untouched", "wrong"):
+            for student in ("solutions", "untouched", "wrong") + (("wrong_everywhere",) if lesson in WRONG_EVERYWHERE
+                                                                   else ()):
                 submission = gb.find_submission(lesson, student)
                 scores[lesson, student] = {grade.name: (grade.score, grade.max_score)
                                            for notebook in submission.notebooks for grade in notebook.grades}
@@ -521,6 +578,9 @@ def test_autograde_scores(course):
         _, broken = WRONG[lesson]
         expected = {n: ((0.0 if n in broken else m), m) for n, (_, m) in full.items()}
         assert scores[lesson, "wrong"] == expected, f"{lesson}: the wrong submission's scores"
+        if lesson in WRONG_EVERYWHERE:
+            assert scores[lesson, "wrong_everywhere"] == {n: (0.0, m) for n, (_, m) in full.items()}, \
+                f"{lesson}: a test cell kept its points although every exercise was answered wrong"
 
 
 def test_hidden_tests_count(course):

@@ -105,8 +105,25 @@ def _ref_accuracy(logits, tokens, mask):
     return float(hit[mask[:, 1:]].double().mean())
 
 
+def _where_it_lives(fn, helper, args):
+    """``helper(fn, args)`` where ``fn`` lives: in the learner's notebook kernel when the course's grader holds a
+    proxy of it (``run_in_kernel``), else here. For the pieces of a check that hand the learner objects that cannot
+    travel between processes (a random generator, a model with known answers) or take the learner's model apart;
+    what comes back is tensors, numbers and strings, judged here."""
+    remote = getattr(fn, "run_in_kernel", None)
+    if remote is not None:
+        return remote(f"{__name__}:{helper.__name__}", args)
+    return helper(fn, args)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # exercise 1: flip_flop_batch
+
+def _flip_flop_seeded(flip_flop_batch, args):
+    """``flip_flop_batch(batch, length, generator)`` with a generator seeded by ``seed``: args (batch, length, seed)."""
+    batch, length, seed = args
+    return flip_flop_batch(batch, length, torch.Generator().manual_seed(seed))
+
 
 def _fmt_tokens(row):
     names = "01wir"
@@ -121,16 +138,19 @@ def check_flip_flop_batch(flip_flop_batch, *, seed=0, sizes=((4, 16), (3, 2), (8
     ``sizes`` lists (batch, length) pairs (lengths even); the frequencies are tested on one large batch.
     """
     check = "check_flip_flop_batch"
+    label = _name(flip_flop_batch)
+
+    def seeded(batch, length, seed):
+        return _where_it_lives(flip_flop_batch, _flip_flop_seeded, (batch, length, seed))
+
     n_reads = 0
     for batch, length in sizes:
         case = _case(batch=batch, length=length, seed=seed + length)
-        result = _call(check, flip_flop_batch, (batch, length, torch.Generator().manual_seed(seed + length)), {},
-                       case)
+        result = _call(check, seeded, (batch, length, seed + length), {}, case, label=label)
         tokens, mask = _unpack(result, 2, check, flip_flop_batch, case, ("tokens", "read_mask"))
         _check_format(check, tokens, mask, batch, length, case)
         n_reads += int(mask.sum())
-        again = _call(check, flip_flop_batch, (batch, length, torch.Generator().manual_seed(seed + length)), {},
-                      case)
+        again = _call(check, seeded, (batch, length, seed + length), {}, case, label=label)
         if not (torch.equal(again[0], tokens) and torch.equal(again[1], mask)):
             raise AssertionError(f"{check}: two calls with generators seeded alike gave different batches\n"
                                  f"  case: {case}\n  hint: draw every random number from the `generator` you are "
@@ -138,10 +158,10 @@ def check_flip_flop_batch(flip_flop_batch, *, seed=0, sizes=((4, 16), (3, 2), (8
                                  "never from the global random state.")
     batch, length = 256, 256
     case = _case(batch=batch, length=length, seed=seed + 1)
-    tokens, mask = _unpack(_call(check, flip_flop_batch, (batch, length, torch.Generator().manual_seed(seed + 1)),
-                                 {}, case), 2, check, flip_flop_batch, case, ("tokens", "read_mask"))
+    tokens, mask = _unpack(_call(check, seeded, (batch, length, seed + 1), {}, case, label=label), 2, check,
+                           flip_flop_batch, case, ("tokens", "read_mask"))
     _check_format(check, tokens, mask, batch, length, case)
-    other = _call(check, flip_flop_batch, (batch, length, torch.Generator().manual_seed(seed + 2)), {}, case)
+    other = _call(check, seeded, (batch, length, seed + 2), {}, case, label=label)
     if torch.equal(other[0], tokens):
         raise AssertionError(f"{check}: generators with different seeds gave the same batch\n  case: {case}\n"
                              "  hint: draw every random number from the `generator` you are given.")
@@ -315,6 +335,46 @@ _WIRING = ("pre-norm residual blocks: x = self.embed(tokens); for each block, x 
            "then x = x + block.mlp(block.norm2(x)); logits = self.head(self.norm(x)).")
 
 
+def _tiny_lm_outputs(model_class, args):
+    """Builds the learner's model as :func:`check_tiny_lm` sets it up and runs it on the check's token batches.
+
+    args: (constructor kwargs, seed, token batches). Returns ("ok", [logits per batch], reference logits of the
+    first batch) or (stage, message) for what failed: "constructor", "setup", "forward", "reference". A stub's
+    NotImplementedError propagates (the check reports "not attempted yet")."""
+    kwargs, seed, batches = args
+    torch.manual_seed(seed)
+    try:
+        model = model_class(**kwargs)
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # the learner's constructor
+        return "constructor", f"{type(exc).__name__}: {exc}"
+    try:
+        model = model.double().eval()
+        if kwargs["attention"] == "softmax_rope":
+            for block in model.blocks:
+                reference = _SoftmaxRopeAttention(kwargs["dim"], kwargs["num_heads"]).double()
+                reference.load_state_dict(block.attn.state_dict())
+                block.attn = reference
+    except Exception as exc:
+        return "setup", f"{type(exc).__name__}: {exc}"
+    outputs = []
+    for tokens in batches:
+        try:
+            with torch.no_grad():
+                outputs.append(model(tokens.clone()))
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # the learner's forward
+            return "forward", f"{type(exc).__name__}: {exc}"
+    try:
+        with torch.no_grad():
+            want = _reference_forward(model, batches[0])
+    except Exception as exc:
+        return "reference", f"{type(exc).__name__}: {exc}"
+    return "ok", outputs, want
+
+
 @_quietly
 def check_tiny_lm(model_class, *, seed=0, configs=_LM_CONFIGS, attentions=("stick_breaking", "softmax_rope")):
     """Lesson 09: ``TinyLM(attention, vocab_size, dim, num_heads, num_layers)``'s forward: tokens (B, T) -> logits
@@ -332,33 +392,32 @@ def check_tiny_lm(model_class, *, seed=0, configs=_LM_CONFIGS, attentions=("stic
         for attention in attentions:
             kwargs = dict(attention=attention, vocab_size=VOCAB_SIZE, **config)
             case = _case(**kwargs, tokens=(B, T))
-            torch.manual_seed(seed + n)
-            model = _call(check, model_class, (), kwargs, case,
-                          hint="keep the constructor you were given; write forward only.")
-            try:
-                model = model.double().eval()
-                if attention == "softmax_rope":
-                    for block in model.blocks:
-                        reference = _SoftmaxRopeAttention(config["dim"], config["num_heads"]).double()
-                        reference.load_state_dict(block.attn.state_dict())
-                        block.attn = reference
-            except Exception as exc:
-                raise AssertionError(f"{check}: could not set up your model: {type(exc).__name__}: {exc}\n"
-                                     f"  case: {case}\n  hint: keep the constructor you were given (embed, blocks "
-                                     "with norm1, attn, norm2, mlp; norm; head).") from exc
             gen = torch.Generator().manual_seed(seed + 100 + n)
             tokens = torch.randint(0, VOCAB_SIZE, (B, T), generator=gen)
-            got = _call(check, model, (tokens.clone(),), {}, case, label=label)
+            s = T // 2  # causality: the second half changed, the first half must not move
+            changed = tokens.clone()
+            changed[:, s:] = (tokens[:, s:] + torch.randint(1, VOCAB_SIZE, (B, T - s), generator=gen)) % VOCAB_SIZE
+            same = torch.full((1, max(T, 6)), IGNORE)
+            result = _call(check, lambda: _where_it_lives(model_class, _tiny_lm_outputs,
+                                                          (kwargs, seed + n, [tokens, changed, same])),
+                           (), {}, case, label=label)
+            stage = result[0]
+            if stage == "constructor":
+                raise AssertionError(f"{check}: `{_name(model_class)}` raised {result[1]}\n  case: {case}\n"
+                                     "  hint: keep the constructor you were given; write forward only.")
+            if stage in ("setup", "reference"):
+                raise AssertionError(f"{check}: your model lacks a module of the given constructor: {result[1]}\n"
+                                     f"  case: {case}\n  hint: keep the constructor you were given (embed, blocks "
+                                     "with norm1, attn, norm2, mlp; norm; head).")
+            if stage == "forward":
+                raise AssertionError(f"{check}: `{label}` raised {result[1]}\n  case: {case}")
+            (got, other, flat), want = result[1], result[2]
             if not isinstance(got, torch.Tensor) or tuple(got.shape) != (B, T, VOCAB_SIZE):
                 shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
                 raise AssertionError(f"{check}: the logits have shape {shape}, expected (B, T, vocab_size) = "
                                      f"{(B, T, VOCAB_SIZE)}\n  case: {case}\n  hint: one row of vocab_size logits "
                                      "per position: the head maps each position's vector to the next token's scores.")
-            if T > 1:  # causality: change the second half, the first half must not move
-                s = T // 2
-                changed = tokens.clone()
-                changed[:, s:] = (tokens[:, s:] + torch.randint(1, VOCAB_SIZE, (B, T - s), generator=gen)) % VOCAB_SIZE
-                other = _call(check, model, (changed,), {}, case, label=label)
+            if T > 1:
                 diff = (other[:, :s] - got[:, :s]).abs().detach()
                 if float(diff.max()) > 1e-12 * (1 + float(got.abs().max())):
                     b, t, _ = (int(i) for i in (diff == diff.max()).nonzero()[0])
@@ -367,8 +426,7 @@ def check_tiny_lm(model_class, *, seed=0, configs=_LM_CONFIGS, attentions=("stic
                                          f"  hint: the model is causal: position t may use tokens 0..t only. Use the "
                                          "attention modules of the blocks (they are causal) and mix nothing else "
                                          "along the sequence.")
-            same = torch.full((1, max(T, 6)), IGNORE)
-            flat = _call(check, model, (same,), {}, case, label=label).detach()
+            flat = flat.detach()
             drift = (flat - flat[:, :1]).abs()
             if float(drift.max()) > 1e-9 * (1 + float(flat.abs().max())):
                 t = int(drift.amax(-1)[0].argmax())
@@ -379,13 +437,6 @@ def check_tiny_lm(model_class, *, seed=0, configs=_LM_CONFIGS, attentions=("stic
                                      "variant from the rotation inside its attention. Over identical tokens the "
                                      "weights of each query sum to 1 (with the remainder) over identical values, so "
                                      "nothing can tell the positions apart.")
-            try:
-                with torch.no_grad(), _quiet():
-                    want = _reference_forward(model, tokens)
-            except Exception as exc:
-                raise AssertionError(f"{check}: your model lacks a module of the given constructor: "
-                                     f"{type(exc).__name__}: {exc}\n  case: {case}\n  hint: keep the constructor you "
-                                     "were given (embed, blocks with norm1, attn, norm2, mlp; norm; head).") from exc
             worst = max(worst, _compare(check, got, want, 1e-12, case, _WIRING, what="the output"))
             n += 1
     _verdict(check, n, f"variants {', '.join(attentions)}; shapes, causal, no positional encoding, pre-norm wiring; "
@@ -434,6 +485,13 @@ _RULES = (("predicts the last written bit (always right)", _last_write_rule),
           ("predicts the bit of the previous pair", _previous_bit_rule))
 
 
+def _evaluate_rule_model(evaluate, args):
+    """``evaluate(model, tokens, read_mask)`` for a :class:`_RuleModel` of rule ``_RULES[index]``: args (index,
+    tokens, read_mask)."""
+    index, tokens, mask = args
+    return evaluate(_RuleModel(_RULES[index][1]), tokens, mask)
+
+
 @_quietly
 def check_evaluate(evaluate, *, seed=0, sizes=((8, 64), (3, 130), (16, 20))):
     """Lesson 09: ``evaluate(model, tokens, read_mask)`` -> the model's accuracy (a float) on the read positions,
@@ -442,10 +500,11 @@ def check_evaluate(evaluate, *, seed=0, sizes=((8, 64), (3, 130), (16, 20))):
     n = 0
     for batch, length in sizes:
         tokens, mask = _flip_flop(batch, length, torch.Generator().manual_seed(seed + length))
-        for what, rule in _RULES:
+        for index, (what, rule) in enumerate(_RULES):
             model = _RuleModel(rule)
             case = _case(model=f"one that {what}", tokens=(batch, length), reads=int(mask.sum()))
-            got = _call(check, evaluate, (model, tokens.clone(), mask.clone()), {}, case)
+            got = _call(check, lambda *args: _where_it_lives(evaluate, _evaluate_rule_model, args),
+                        (index, tokens.clone(), mask.clone()), {}, case, label=_name(evaluate))
             try:
                 got = float(got)
             except (TypeError, ValueError):
