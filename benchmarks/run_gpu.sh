@@ -3,8 +3,9 @@
 #
 #   benchmarks/run_gpu.sh [tests|lessons|bench|all] [extra bench_attention.py arguments]
 #
-# tests: the kernels' GPU and CPU-suite tests; lessons: every solution notebook's GPU path
-# (tests/test_lessons_gpu.py, each notebook's output kept in $OUT/lessons/); bench: the benchmark; all: the three.
+# tests: the kernels' GPU and CPU-suite tests (TEST_FILES picks others, e.g. "tests/test_decode.py"); lessons:
+# every solution notebook's GPU path (tests/test_lessons_gpu.py, each notebook's output kept in $OUT/lessons/);
+# bench: the benchmark (BENCH picks another script, e.g. benchmarks/bench_decode.py); all: the three.
 #
 # sb_ref is put on the path the way the install maps it (sb_ref/ plus kernels/ as sb_ref/kernels) in a scratch
 # folder, so neither pip nor the network is needed; pytest comes from .whl/ when the machine lacks it.
@@ -33,8 +34,9 @@ cd /tmp  # not the repo root: its sb_ref/ (without kernels/) would shadow the as
 } 2>&1 | tee "$OUT/env.txt"
 rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
-    SB_GPU_RESULTS="$OUT/gpu_errors.json" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "$REPO/tests/test_kernels_gpu.py" \
-        "$REPO/tests/test_kernels.py" -v -rfE -p no:cacheprovider --durations=25 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log"
+    read -r -a files <<< "${TEST_FILES:-tests/test_kernels_gpu.py tests/test_kernels.py}"
+    SB_GPU_RESULTS="$OUT/gpu_errors.json" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "${files[@]/#/$REPO/}" \
+        -v -rfE -p no:cacheprovider --durations=25 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log"
     rc=$((rc | ${PIPESTATUS[0]}))
 fi
 if [[ $MODE == lessons || $MODE == all ]]; then
@@ -43,7 +45,8 @@ if [[ $MODE == lessons || $MODE == all ]]; then
     rc=$((rc | ${PIPESTATUS[0]}))
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
-    timeout ${BENCH_TIMEOUT:-560} $PY "$REPO/benchmarks/bench_attention.py" --out "$OUT/bench.md" "$@" 2>&1 | tee "$OUT/bench.log"
+    timeout ${BENCH_TIMEOUT:-560} $PY "$REPO/${BENCH:-benchmarks/bench_attention.py}" --out "$OUT/bench.md" "$@" 2>&1 \
+        | tee "$OUT/bench.log"
     rc=$((rc | ${PIPESTATUS[0]}))
 fi
 exit $rc

@@ -2,13 +2,17 @@
 
 - :func:`stick_breaking_attention`: the op (Triton on CUDA, tiled PyTorch elsewhere), differentiable.
 - :func:`stick_breaking_weights`: the stable weight matrix of a logits matrix, for teaching and checks.
-- :class:`StickBreakingSelfAttention`: a causal self-attention layer with no positional encoding.
+- :func:`stick_breaking_decode`: a few new queries against a key/value cache (generation), split-K on CUDA.
+- :class:`StickBreakingSelfAttention`: a causal self-attention layer with no positional encoding; :class:`KVCache`
+  for generating with it.
 - :mod:`sb_ref.naive`: the definition as numpy loops. :mod:`sb_ref.testing`: oracle, regimes, probes.
 """
 from . import naive, testing
 from .attention import stick_breaking_attention
-from .layer import StickBreakingSelfAttention
+from .decode import stick_breaking_decode
+from .layer import KVCache, StickBreakingSelfAttention
 from .weights import stick_breaking_weights
 
-__all__ = ["stick_breaking_attention", "stick_breaking_weights", "StickBreakingSelfAttention", "naive", "testing"]
+__all__ = ["stick_breaking_attention", "stick_breaking_decode", "stick_breaking_weights", "StickBreakingSelfAttention",
+           "KVCache", "naive", "testing"]
 __version__ = "0.1.0"

@@ -45,6 +45,33 @@ def _check_cu_seqlens(cu_seqlens, q):
     return bounds
 
 
+def _check_options(scale, attend_current, return_remainder, backend):
+    """The keyword options shared by the op and decoding."""
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(attend_current, bool):
+        raise TypeError(f"attend_current must be a bool, got {type(attend_current).__name__}")
+    if not isinstance(return_remainder, bool):
+        raise TypeError(f"return_remainder must be a bool, got {type(return_remainder).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_triton_inputs(q):
+    """What backend='triton' needs of the inputs: a dtype the kernels take, and CUDA or Triton's interpreter."""
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
+                        "use backend='torch' (or 'auto') for float64")
+    if q.device.type != "cuda" and not _triton_interpreter_on():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {q.device}. To run the "
+                         "kernels on the CPU through Triton's interpreter, set the environment variable "
+                         "TRITON_INTERPRET=1 before importing sb_ref (e.g. `TRITON_INTERPRET=1 python ...`), "
+                         "or use backend='torch'")
+
+
 def _validate(q, k, v, scale, attend_current, cu_seqlens, return_remainder, backend):
     _check_tensor("q", q, "(B, Hq, T, D)")
     _check_tensor("k", k, "(B, Hk, T, D)")
@@ -67,27 +94,10 @@ def _validate(q, k, v, scale, attend_current, cu_seqlens, return_remainder, back
     if Hk == 0 or Hq % Hk != 0:
         raise ValueError(f"the query heads Hq must be a multiple of the key/value heads Hk (grouped-query "
                          f"attention), got Hq = {Hq} and Hk = {Hk}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-    if not isinstance(attend_current, bool):
-        raise TypeError(f"attend_current must be a bool, got {type(attend_current).__name__}")
-    if not isinstance(return_remainder, bool):
-        raise TypeError(f"return_remainder must be a bool, got {type(return_remainder).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_options(scale, attend_current, return_remainder, backend)
     bounds = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q)
     if backend == "triton":
-        if q.dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
-                            "use backend='torch' (or 'auto') for float64")
-        if q.device.type != "cuda" and not _triton_interpreter_on():
-            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {q.device}. To run the "
-                             "kernels on the CPU through Triton's interpreter, set the environment variable "
-                             "TRITON_INTERPRET=1 before importing sb_ref (e.g. `TRITON_INTERPRET=1 python ...`), "
-                             "or use backend='torch'")
+        _check_triton_inputs(q)
     return bounds
 
 

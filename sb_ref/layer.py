@@ -1,10 +1,63 @@
-"""A drop-in causal self-attention layer built on stick-breaking attention."""
+"""A drop-in causal self-attention layer built on stick-breaking attention, and the key/value cache it decodes
+with."""
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .attention import BACKENDS, stick_breaking_attention
+from .decode import stick_breaking_decode
 
 REMAINDER_MODES = ("self", "bias", "none")
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of one attention layer for generation: ``k`` (B, Hk, Tmax, head_dim), ``v``
+    (B, Hk, Tmax, head_dim) and ``seqlens`` (B,) int64, the valid positions of each sequence (the rest is unused).
+    ``StickBreakingSelfAttention.forward(x, cache=cache)`` appends the new tokens' keys and values and advances
+    ``seqlens``; sequences may have different lengths (e.g. prompts of different lengths, written by hand).
+
+    Example:
+        >>> import torch, sb_ref
+        >>> layer = sb_ref.StickBreakingSelfAttention(32, num_heads=4, num_kv_heads=2)
+        >>> cache = sb_ref.KVCache.empty(2, 2, 100, 8)
+        >>> with torch.no_grad():
+        ...     y = layer(torch.randn(2, 5, 32), cache=cache)    # a prompt of 5 tokens
+        ...     y = layer(torch.randn(2, 1, 32), cache=cache)    # then one token at a time
+        >>> cache.seqlens.tolist()
+        [6, 6]
+    """
+    k: torch.Tensor
+    v: torch.Tensor
+    seqlens: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch_size, num_kv_heads, max_len, head_dim, *, dtype=torch.float32, device=None):
+        """An empty cache with room for max_len positions per sequence."""
+        k = torch.zeros(batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        return cls(k, torch.zeros_like(k), torch.zeros(batch_size, dtype=torch.int64, device=device))
+
+    @property
+    def max_len(self):
+        return self.k.shape[2]
+
+    def append(self, k, v):
+        """Writes k, v (B, Hk, Tn, head_dim) at positions seqlens[b] .. seqlens[b] + Tn - 1 of each sequence and
+        advances seqlens by Tn."""
+        B, Hk, Tn, _ = k.shape
+        if (B, Hk) != tuple(self.k.shape[:2]) or k.shape[-1] != self.k.shape[-1] or v.shape != k.shape:
+            raise ValueError(f"the cache holds (B, Hk, Tmax, head_dim) = {tuple(self.k.shape)}, got new keys "
+                             f"{tuple(k.shape)} and values {tuple(v.shape)}")
+        if int(self.seqlens.max()) + Tn > self.max_len:
+            raise ValueError(f"the cache is full: {Tn} new tokens do not fit after seqlens = "
+                             f"{self.seqlens.tolist()} in Tmax = {self.max_len} positions")
+        pos = self.seqlens[:, None] + torch.arange(Tn, device=self.seqlens.device)  # (B, Tn)
+        i_b = torch.arange(B, device=pos.device)[:, None, None]
+        i_h = torch.arange(Hk, device=pos.device)[None, :, None]
+        self.k[i_b, i_h, pos[:, None, :]] = k.detach().to(self.k.dtype)
+        self.v[i_b, i_h, pos[:, None, :]] = v.detach().to(self.v.dtype)
+        self.seqlens += Tn
 
 
 class StickBreakingSelfAttention(nn.Module):
@@ -28,6 +81,12 @@ class StickBreakingSelfAttention(nn.Module):
 
     Shapes: ``x`` (B, T, E) -> (B, T, E). With ``cu_seqlens`` (packed sequences, B == 1) no token attends
     across a sequence boundary.
+
+    Generation: with ``cache`` (a :class:`KVCache` from :meth:`new_cache`), ``x`` holds the next Tn tokens of
+    each sequence; their keys and values are appended to the cache and their queries attend to everything the
+    cache holds through :func:`sb_ref.stick_breaking_decode`. Token by token (or in chunks) this gives the same
+    outputs as the full sequence at once. Inference only (no gradient flows through the cache); call it under
+    ``torch.no_grad()``.
 
     Example:
         >>> import torch, sb_ref
@@ -62,17 +121,34 @@ class StickBreakingSelfAttention(nn.Module):
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
         self.remainder_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim)) if remainder == "bias" else None
 
-    def forward(self, x, cu_seqlens=None):
+    def new_cache(self, batch_size, max_len, *, dtype=None, device=None):
+        """An empty :class:`KVCache` for this layer (default: the dtype and device of its weights)."""
+        w = self.k_proj.weight
+        return KVCache.empty(batch_size, self.num_kv_heads, max_len, self.head_dim,
+                             dtype=w.dtype if dtype is None else dtype, device=w.device if device is None else device)
+
+    def forward(self, x, cu_seqlens=None, cache=None):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor (B, T, {self.embed_dim}), got {shape}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be an sb_ref.KVCache or None, got {type(cache).__name__}")
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("cu_seqlens and cache cannot be combined: a cache holds one sequence per batch row")
         B, T, _ = x.shape
         Hq, Hk, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, Hq, Dh).transpose(1, 2)
         k = self.k_proj(x).view(B, T, Hk, Dh).transpose(1, 2)
         v = self.v_proj(x).view(B, T, Hk, Dh).transpose(1, 2)
-        o, rem = stick_breaking_attention(q, k, v, attend_current=self.attend_current, cu_seqlens=cu_seqlens,
-                                          return_remainder=True, backend=self.backend)
+        if cache is None:
+            o, rem = stick_breaking_attention(q, k, v, attend_current=self.attend_current, cu_seqlens=cu_seqlens,
+                                              return_remainder=True, backend=self.backend)
+        else:
+            cache.append(k, v)
+            o, rem = stick_breaking_decode(q.to(cache.k.dtype), cache.k, cache.v, cache.seqlens,
+                                           attend_current=self.attend_current, return_remainder=True,
+                                           backend=self.backend)
+            o = o.to(q.dtype)
         rem = rem.to(o.dtype).unsqueeze(-1)
         if self.remainder == "self":  # each query head takes its own position's value from its kv head
             o = (o.view(B, Hk, Hq // Hk, T, Dh) + rem.view(B, Hk, Hq // Hk, T, 1) * v.unsqueeze(2)).view(o.shape)
