@@ -7,6 +7,7 @@ scaled_dot_product_attention with the FLASH_ATTENTION backend (the baseline), cu
 TFLOP/s counts 2*B*H*T^2*D flops for a causal forward and 2.5x that for the backward (fwd+bwd = 3.5x).
 Accuracy: relative Frobenius error against the float64 oracle (tests/reference.py) on the same rounded inputs.
 --sweep times a few tile configurations of each kernel first and keeps the fastest (printed, not saved).
+--regime long times inputs whose sticks last for thousands of keys (the default, random, uses them up within tens).
 """
 import argparse
 import datetime
@@ -32,9 +33,16 @@ def ms(fn):
     return triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
 
 
-def inputs(B, H, T, D, dtype=torch.bfloat16, seed=0):
+def inputs(B, H, T, D, dtype=torch.bfloat16, seed=0, regime="random"):
+    """q, k, v ~ N(0, 1) ("random": logits of unit spread, sticks used up within tens of keys), or with logits near
+    -8 ("long": beta ~ 3e-4, a stick lasts for thousands of keys), as tests/test_kernels.py's regimes."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", generator=g) for _ in range(3))
+    if regime == "long":
+        u = torch.nn.functional.normalize(torch.randn(D, device="cuda", generator=g), dim=0)
+        a = (8.0 * D ** 0.5) ** 0.5
+        q, k = a * u + 0.02 * q, -a * u + 0.02 * k
+    return [x.to(dtype).requires_grad_() for x in (q, k, v)]
 
 
 def warm_up_gpu(seconds=1.0):
@@ -208,6 +216,7 @@ def main():
     ap.add_argument("--ablate", action="store_true", help="time the kernels with cheaper pieces swapped in")
     ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
     ap.add_argument("--kernel-t", type=int, default=4096, help="sequence length of --sweep and --ablate")
+    ap.add_argument("--regime", default="random", choices=("random", "long"), help="input regime of the speed table")
     args = ap.parse_args()
     global KERNEL_T
     KERNEL_T = args.kernel_t
@@ -219,7 +228,7 @@ def main():
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     rows = []
     for B, H, T, D in shapes:
-        q, k, v = inputs(B, H, T, D)
+        q, k, v = inputs(B, H, T, D, regime=args.regime)
         flops = 2 * B * H * T * T * D
         res = {}
         impls = [("sb (triton)", lambda: sb_fwd(q, k, v)),
@@ -252,7 +261,8 @@ def main():
           f"- date: {now}",
           f"- tiles: fwd {K.CONFIGS[128]['fwd']}, dq {K.CONFIGS[128]['dq']}, dkdv {K.CONFIGS[128]['dkdv']} (D=128); "
           f"D=64: fwd {K.CONFIGS[64]['fwd']}, dq {K.CONFIGS[64]['dq']}, dkdv {K.CONFIGS[64]['dkdv']}",
-          "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg])", "",
+          "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg])",
+          f"- input regime of the speed table: {args.regime}", "",
           "## Speed (causal, bf16, median of do_bench)", "",
           "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",
           "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s "
