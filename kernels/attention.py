@@ -195,19 +195,27 @@ def _query_block(CU, T, H, N_SEQ, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, B
     return i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi
 
 
+# Early exit on used-up sticks: a query block has nothing left to give once every row's carry (the sum of
+# log2(1 - beta) over the keys walked) is below EXHAUSTED, since 2^-160 is under float32's smallest number: every
+# weight of a key farther left, and the remainder, round to 0 whether those keys are visited or not. With
+# EARLY_EXIT the query-major walks go in segments of EXIT_SEGMENT key blocks (each a software-pipelined loop) and
+# stop between segments once that holds (EXIT_SEGMENTS below: short under the interpreter, to test several).
+EXHAUSTED = tl.constexpr(-160.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. forward
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_lo, nb_hi, qk_scale,
-               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_hi, it_lo, it_hi,
+               qk_scale, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                SPLIT_A: tl.constexpr, SCAN_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for it in range(nb_hi - nb_lo):
-        # right to left: the carry b_s holds the keys between this block and the query
+    for it in range(it_lo, it_hi):
+        # right to left from block nb_hi - 1: the carry b_s holds the keys between this block and the query
         o_n = seq_start + (nb_hi - 1 - it) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < seq_end
         b_k = _load_tile(K, o_n, o_d, s_kt, s_kd, m_n, D, BLOCK_D, UPCAST)
@@ -238,7 +246,7 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                 VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-                SCAN_L: tl.constexpr,
+                SCAN_L: tl.constexpr, EARLY_EXIT: tl.constexpr, EXIT_SEGMENT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
@@ -257,12 +265,22 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
     b_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
 
-    b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, nb_hi,
-                          qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A,
-                          SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, 0, nb_full,
-                          qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A,
-                          SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_hi, 0,
+                          nb_hi - nb_full, qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
+                          PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+    if EARLY_EXIT:
+        # segments of EXIT_SEGMENT key blocks, each a pipelined loop; between them, stop once the stick is used up
+        it = nb_full * 0
+        while (it < nb_full) & (tl.max(b_s, axis=0) > EXHAUSTED):
+            it_end = tl.minimum(it + EXIT_SEGMENT, nb_full)
+            b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full,
+                                  it, it_end, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
+                                  PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+            it = it_end
+    else:
+        b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, 0,
+                              nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION,
+                              SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
     # V may be a float16 copy scaled by a power of two (see _v_operand): undo the scale
     b_o *= tl.load(INV_SCALE_V + i_b * (H // GROUP) + i_h // GROUP)
 
@@ -279,13 +297,13 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
-              seq_start, seq_end, nb_lo, nb_hi, qk_scale, log2_dz_scale, T, CHUNK,
+              seq_start, seq_end, nb_hi, it_lo, it_hi, qk_scale, log2_dz_scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
               SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for it in range(nb_hi - nb_lo):
+    for it in range(it_lo, it_hi):
         nb = nb_hi - 1 - it
         o_n = seq_start + nb * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < seq_end
@@ -333,6 +351,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
                    H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
+                   EARLY_EXIT: tl.constexpr, EXIT_SEGMENT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # the operands' scales (see _operand_scales): logits, gradients, dz, and dq at the end
@@ -369,13 +388,29 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, log2_dz_scale,
-                                    T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
-                                    SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
-    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, log2_dz_scale,
-                                    T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
-                                    SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_hi, 0, nb_hi - nb_full, qk_scale,
+                                    log2_dz_scale, T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION,
+                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+    if EARLY_EXIT:
+        # as in the forward: segments, and a stop once the stick is used up (see EXHAUSTED)
+        it = nb_full * 0
+        while (it < nb_full) & (tl.max(b_w, axis=0) > EXHAUSTED):
+            it_end = tl.minimum(it + EXIT_SEGMENT, nb_full)
+            b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt,
+                                            s_kd, s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, it, it_end,
+                                            qk_scale, log2_dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST,
+                                            DOT_DTYPE, PRECISION, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+            it = it_end
+        # the chunk boundaries left of where the walk stopped get its final carries (the keys beyond add nothing),
+        # so that the key-major kernel finds these rows' sticks used up there too
+        for c in range(1, ((nb_full - 1 - it) * BLOCK_N) // CHUNK + 1):
+            tl.store(TW + (c - 1) * T + o_m, b_w, mask=m_m)
+            tl.store(TR + (c - 1) * T + o_m, b_r, mask=m_m)
+    else:
+        b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
+                                        s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, 0, nb_full, qk_scale,
+                                        log2_dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
+                                        PRECISION, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     # delta_i = sum_j dl_ij, the float32 sum of the very dl both kernels recompute, stored with g added: the
     # key-major kernel's C_ik + g_i starts from it
     tl.store(DELTA + o_m, b_r + b_g, mask=m_m)
@@ -527,6 +562,10 @@ CONFIGS = {
 # backward) is a single float16 product, bfloat16 operands entering as float16 copies scaled per kv-head by a power
 # of two (_scaled_f16). With F16_PRODUCTS off, the forward's A goes in as a bfloat16 hi + lo pair instead.
 F16_PRODUCTS = True
+# Early exit on used-up sticks in the query-major walks (EXHAUSTED): exact, since what it skips rounds to 0; key
+# blocks per segment of the walk between two checks.
+EARLY_EXIT = False
+EXIT_SEGMENTS = {"interpret": 2, "gpu": 16}
 # The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
 COMPILED = {}
 # Chunks of the backward table: at most MAX_CHUNKS per sequence, each a multiple of every block size.
@@ -649,7 +688,7 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
             q, k, v_op, o, rem, c["cu"], inv_scale, float(scale), T, *q.stride(), *k.stride(), *v_op.stride(),
             *o.stride(), H=H, SCAN_L=scan_l, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
             num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], SPLIT_A=c["split_a"],
-            **extra, **_kernel_args(c, attend_current, c["dot_dtype"]))
+            **_exit_args(c), **extra, **_kernel_args(c, attend_current, c["dot_dtype"]))
     return o, rem
 
 
@@ -669,6 +708,11 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
     dq, delta_g, tw, tr, chunk = _backward_dq(c, ops, drem, rem, attend_current)
     dk, dv = _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current)
     return dq, dk, dv
+
+
+def _exit_args(c):
+    """The query-major kernels' early exit: the switch and the segment length (see EXHAUSTED)."""
+    return dict(EARLY_EXIT=EARLY_EXIT, EXIT_SEGMENT=EXIT_SEGMENTS["interpret" if c["upcast"] else "gpu"])
 
 
 def _kernel_args(c, attend_current, dot_dtype):
@@ -695,7 +739,7 @@ def _backward_dq(c, ops, drem, rem, attend_current):
     COMPILED["dq"] = _bwd_dq_kernel[grid](
         q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["cu"], table, float(c["scale"]), T, chunk, n_chunks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
-        SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra,
+        SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **_exit_args(c), **extra,
         **_kernel_args(c, attend_current, _TL_DTYPE[q.dtype]))
     return dq, delta_g, tw, tr, chunk
 

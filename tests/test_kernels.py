@@ -209,6 +209,38 @@ def test_deterministic_backward():
         assert torch.equal(a, b)
 
 
+def _outputs_and_grads(q, k, v, scale, attend_current, cu_seqlens=None):
+    o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens)
+    g = torch.Generator().manual_seed(11)
+    go = torch.randn(o.shape, generator=g).to(o.dtype).to(o.device)
+    grem = torch.randn(rem.shape, generator=g).to(rem.device)
+    q.grad = k.grad = v.grad = None
+    ((o * go).sum() + (rem * grem).sum()).backward()
+    return [o.detach(), rem.detach()] + [x.grad.clone() for x in (q, k, v)]
+
+
+@pytest.mark.parametrize("regime,dtype,attend_current,varlen", [("random", torch.bfloat16, False, False),
+                                                                 ("saturated", torch.float32, True, False),
+                                                                 ("random", torch.bfloat16, False, True)])
+def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_current, varlen, monkeypatch):
+    """Stopping the query-major walks once every row's stick is below 2^-160 changes no bit of o, rem, dq, dk, dv
+    (what it skips rounds to 0), and it does stop: the forward loads fewer keys."""
+    from sb_ref.testing.speed import key_elements_loaded
+
+    T = 448
+    q, k, v, scale = make_inputs(regime, 1, 2, 1, T, 16, 16, dtype, seed=12)
+    cu = torch.tensor([0, 300, T], dtype=torch.int32, device=DEVICE) if varlen else None
+    results, loads = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(K, "EARLY_EXIT", on)
+        results[on] = _outputs_and_grads(q, k, v, scale, attend_current, cu)
+        loads[on] = key_elements_loaded(lambda q, k, v: K._forward(q, k, v, scale, attend_current, cu), (q, k, v))
+    for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
+        assert torch.equal(a, b), f"{name} changed with early exit: largest difference {(a - b).abs().max():.2e}"
+    assert bool((results[True][1] == 0).any()), "no row's stick was used up: the test shows nothing"
+    assert loads[True] < loads[False], f"early exit loaded {loads[True]} key elements, without {loads[False]}"
+
+
 def test_nan_in_nan_out():
     q, k, v, scale = make_inputs("random", 1, 1, 1, 40, 16, 16, torch.float32, seed=11)
     with torch.no_grad():
