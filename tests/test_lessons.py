@@ -56,8 +56,19 @@ POINTS = {
     "09_capstone": {"test_flip_flop_batch": 2, "test_rope": 2, "test_tiny_lm": 2, "test_evaluate": 1},
 }
 
-# One deliberately wrong submission per lesson: solution cell (grade_id) -> wrong source, and the test cells that
-# must lose their points (every other test cell keeps them).
+# Lessons 05-09 make their mistakes as edits of the solution: (solution grade_id, right text, wrong text).
+TRIANGLE_WITH_DIAGONAL = ("tile_reverse_cumsum", "cols[:, None] > cols[None, :]", "cols[:, None] >= cols[None, :]")
+MASK_ON_ONE_TILE = ("sb_forward_kernel", "if kb * BLOCK_N + BLOCK_N > first:",   # wrong for BLOCK_M != BLOCK_N
+                    "if kb == block:")
+INCLUSIVE_C = ("sb_backward_dq", "(tl.cumsum(dl, axis=1) - dl)", "tl.cumsum(dl, axis=1)")
+EVERY_KEY_BLOCK = ("fast_kernel", "tl.cdiv(tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N)", "tl.cdiv(T, BLOCK_N)")
+POSITIONAL_ENCODING = ("tiny_lm", "        x = self.embed(tokens)\n",
+                       "        x = self.embed(tokens)\n"
+                       "        pos = torch.arange(x.shape[1], device=x.device)[:, None]\n"
+                       "        x = x + torch.sin(pos / 10000 ** (torch.arange(x.shape[2], device=x.device) / x.shape[2]))\n")
+
+# One deliberately wrong submission per lesson: solution cell (grade_id) -> wrong source (or a list of edits), and
+# the test cells that must lose their points (every other test cell keeps them).
 WRONG = {
     "00_setup": ({"sigmoid": '''
 def sigmoid(z):
@@ -126,172 +137,11 @@ def blocked_attention(q, k, v, block, attend_current=False):
         rem[..., qs:qe] = carry.exp()
     return o, rem
 '''}, {"test_blocked_attention", "test_blocked_memory"}),
-    "05_triton_primer": ({"tile_reverse_cumsum": '''
-def tile_reverse_cumsum(x, method="scan", BLOCK_R=16):
-    R, n = x.shape
-    out = torch.empty((R, n), dtype=torch.float32, device=x.device)
-    BLOCK_N = max(16, triton.next_power_of_2(n))
-    grid = (triton.cdiv(R, BLOCK_R),)
-    tile_reverse_cumsum_kernel[grid](x, out, R, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                                     METHOD=method, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N)
-    return out
-
-
-@triton.jit
-def tile_reverse_cumsum_kernel(x_ptr, out_ptr, R, n, stride_xr, stride_xn, stride_or, stride_on,
-                               METHOD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows < R)[:, None] & (cols < n)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xn, mask=mask, other=0.0)
-    if METHOD == "scan":
-        out = tl.cumsum(x, axis=1, reverse=True) - x
-    else:
-        tri = tl.where(cols[:, None] >= cols[None, :], 1.0, 0.0)   # includes the diagonal: k >= j
-        out = tl.dot(x, tri, input_precision="ieee")
-    tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_on, out, mask=mask)
-'''}, {"test_tile_reverse_cumsum_matmul"}),   # the triangle includes the diagonal
-    "06_triton_forward": ({"sb_forward_kernel": '''
-@triton.jit
-def sb_forward_kernel(Q, K, V, O, REM, T, scale,
-                      D: tl.constexpr, DV: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    head, block = tl.program_id(0), tl.program_id(1)
-    Q += head * T * D
-    K += head * T * D
-    V += head * T * DV
-    O += head * T * DV
-    REM += head * T
-    first = block * BLOCK_M
-    rows = first + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + rows[:, None] * D + d[None, :], mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
-    q = q.to(tl.float32)
-    o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    carry = tl.zeros([BLOCK_M], dtype=tl.float32)
-    n_blocks = tl.cdiv(tl.minimum(first + BLOCK_M, T), BLOCK_N)
-    for i in range(n_blocks):
-        kb = n_blocks - 1 - i
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(K + cols[:, None] * D + d[None, :], mask=(cols[:, None] < T) & (d[None, :] < D), other=0.0)
-        v = tl.load(V + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < T) & (dv[None, :] < DV), other=0.0)
-        z = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
-        log_beta, log_keep = log_sigmoids(z)
-        if kb == block:   # only the tile with the same index as the query block gets the causal mask
-            if ATTEND_CURRENT:
-                seen = cols[None, :] <= rows[:, None]
-            else:
-                seen = cols[None, :] < rows[:, None]
-            log_beta = tl.where(seen, log_beta, float("-inf"))
-            log_keep = tl.where(seen, log_keep, 0.0)
-        nearer = tl.cumsum(log_keep, axis=1, reverse=True) - log_keep
-        a = tl.exp(log_beta + carry[:, None] + nearer)
-        o = tl.dot(a, v.to(tl.float32), o, input_precision="ieee")
-        carry += tl.sum(log_keep, axis=1)
-    tl.store(O + rows[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=(rows[:, None] < T) & (dv[None, :] < DV))
-    tl.store(REM + rows, tl.exp(carry), mask=rows < T)
-'''}, {"test_sb_forward"}),   # the causal mask on the tile of the same index only (wrong for BLOCK_M != BLOCK_N)
-    "07_triton_backward": ({"sb_backward_dq": '''
-def sb_backward_dq(q, k, v, dO, g, attend_current=False, BLOCK_M=16, BLOCK_N=16):
-    B, H, T, D = q.shape
-    Dv = v.shape[-1]
-    q, k, v, dO, g = (x.contiguous() for x in (q, k, v, dO, g.float()))
-    dq = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
-    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    grid = (B * H, triton.cdiv(T, BLOCK_M))
-    dq_kernel[grid](q, k, v, dO, g, dq, delta, T, D, Dv, D ** -0.5, ATTEND_CURRENT=attend_current,
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv))
-    return dq, delta
-
-
-@triton.jit
-def dq_kernel(Q, K, V, DO, G, DQ, DELTA, T, D, DV, scale, ATTEND_CURRENT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = load_tile(Q + bh * T * D, offs_m, T, D, BLOCK_D)
-    do = load_tile(DO + bh * T * DV, offs_m, T, DV, BLOCK_DV)
-    g = tl.load(G + bh * T + offs_m, mask=offs_m < T, other=0.0)
-    n_blocks = tl.cdiv(tl.minimum((tl.program_id(1) + 1) * BLOCK_M, T), BLOCK_N)
-    W = tl.zeros([BLOCK_M], dtype=tl.float32)
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for step in range(0, n_blocks):
-        offs_n = (n_blocks - 1 - step) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = load_tile(K + bh * T * D, offs_n, T, D, BLOCK_D)
-        v = load_tile(V + bh * T * DV, offs_n, T, DV, BLOCK_DV)
-        A, beta, log_keep = tile_weights(q, k, W, offs_m, offs_n, T, scale, ATTEND_CURRENT)
-        delta += tl.sum(A * tl.dot(do, tl.trans(v), input_precision="ieee"), axis=1)
-        W += tl.sum(log_keep, axis=1)
-    W = tl.zeros([BLOCK_M], dtype=tl.float32)
-    R = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for step in range(0, n_blocks):
-        offs_n = (n_blocks - 1 - step) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = load_tile(K + bh * T * D, offs_n, T, D, BLOCK_D)
-        v = load_tile(V + bh * T * DV, offs_n, T, DV, BLOCK_DV)
-        A, beta, log_keep = tile_weights(q, k, W, offs_m, offs_n, T, scale, ATTEND_CURRENT)
-        dl = A * tl.dot(do, tl.trans(v), input_precision="ieee")
-        tile_sum = tl.sum(dl, axis=1)
-        C = (delta - R - tile_sum)[:, None] + tl.cumsum(dl, axis=1)   # includes dl of key j itself
-        dz = dl * (1.0 - beta) - beta * (C + g[:, None])
-        dq += tl.dot(dz, k, input_precision="ieee")
-        R += tile_sum
-        W += tl.sum(log_keep, axis=1)
-    store_tile(DQ + bh * T * D, scale * dq, offs_m, T, D, BLOCK_D)
-    tl.store(DELTA + bh * T + offs_m, delta, mask=offs_m < T)
-'''}, {"test_sb_backward_dq", "test_sb_attention"}),   # C with an inclusive in-tile cumsum
-    "08_performance": ({"fast_kernel": '''
-@triton.jit
-def fast_kernel(Q, K, V, O, T, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    base = pid_bh * T * D
-    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_q = (o_m[:, None] < T) & (o_d[None, :] < D)
-    q = tl.load(Q + base + o_m[:, None] * D + o_d[None, :], mask=m_q, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    carry = tl.zeros([BLOCK_M], dtype=tl.float32)
-    n_blocks = tl.cdiv(T, BLOCK_N)   # still every key block: only the tiles changed
-    for it in range(0, n_blocks):
-        o_n = (n_blocks - 1 - it) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_kv = (o_n[:, None] < T) & (o_d[None, :] < D)
-        k = tl.load(K + base + o_n[:, None] * D + o_d[None, :], mask=m_kv, other=0.0)
-        v = tl.load(V + base + o_n[:, None] * D + o_d[None, :], mask=m_kv, other=0.0)
-        z = scale * tl.dot(q, tl.trans(k)).to(tl.float32)
-        e = tl.exp(-tl.abs(z))
-        u = 1.0 + e
-        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-        visible = o_n[None, :] < o_m[:, None]
-        log_keep = tl.where(visible, -tl.maximum(z, 0.0) - log1p_e, 0.0)
-        log_a = tl.minimum(z, 0.0) - log1p_e + carry[:, None] + tl.cumsum(log_keep, axis=1, reverse=True) - log_keep
-        a = tl.where(visible, tl.exp(log_a), 0.0)
-        acc += tl.dot(a, v.to(tl.float32))
-        carry += tl.sum(log_keep, axis=1)
-    tl.store(O + base + o_m[:, None] * D + o_d[None, :], acc.to(O.dtype.element_ty), mask=m_q)
-'''}, {"test_fast_forward"}),   # still sweeps every key block
-    "09_capstone": ({"tiny_lm": '''
-class TinyLM(nn.Module):
-    "A small causal language model; attention is 'stick_breaking' (no positional encoding) or 'softmax_rope'."
-
-    def __init__(self, attention, vocab_size=VOCAB_SIZE, dim=64, num_heads=4, num_layers=2):
-        super().__init__()
-        self.attention = attention
-        self.embed = nn.Embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, attention) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab_size)
-
-    def forward(self, tokens):   # a sinusoidal position encoding added "to be safe"
-        T, dim = tokens.shape[1], self.embed.embedding_dim
-        pos = torch.arange(T, device=tokens.device)[:, None] / 10000 ** (torch.arange(dim, device=tokens.device) / dim)
-        x = self.embed(tokens) + torch.sin(pos)
-        for block in self.blocks:
-            x = x + block.attn(block.norm1(x))
-            x = x + block.mlp(block.norm2(x))
-        return self.head(self.norm(x))
-'''}, {"test_tiny_lm"}),   # a positional encoding added to the stick-breaking model
+    "05_triton_primer": ([TRIANGLE_WITH_DIAGONAL], {"test_tile_reverse_cumsum_matmul"}),
+    "06_triton_forward": ([MASK_ON_ONE_TILE], {"test_sb_forward"}),
+    "07_triton_backward": ([INCLUSIVE_C], {"test_sb_backward_dq", "test_sb_attention"}),
+    "08_performance": ([EVERY_KEY_BLOCK], {"test_fast_forward"}),
+    "09_capstone": ([POSITIONAL_ENCODING], {"test_tiny_lm"}),
 }
 
 # For the Triton-era lessons, a second wrong submission answers EVERY exercise wrong, each with its own plausible
@@ -304,7 +154,7 @@ WRONG_EVERYWHERE = {
         ("tile_matmul", "grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))",
          "grid = (triton.cdiv(M, BLOCK_M), 1)"),
         ("tile_reverse_cumsum", "out = tl.cumsum(x, axis=1, reverse=True) - x", "out = tl.cumsum(x, axis=1, reverse=True)"),
-        ("tile_reverse_cumsum", "cols[:, None] > cols[None, :]", "cols[:, None] >= cols[None, :]"),
+        TRIANGLE_WITH_DIAGONAL,
         ("long_reverse_cumsum", "- x + carry", "- x"),
     ],
     "06_triton_forward": [
@@ -317,22 +167,19 @@ WRONG_EVERYWHERE = {
     ],
     "07_triton_backward": [
         ("dl_and_dz", "C = dl.cumsum(-1) - dl", "C = dl.flip(-1).cumsum(-1).flip(-1) - dl"),
-        ("sb_backward_dq", "(tl.cumsum(dl, axis=1) - dl)", "tl.cumsum(dl, axis=1)"),
+        INCLUSIVE_C,
         ("sb_backward_dkdv", "R + tile_sum, mask=rows)", "R, mask=rows)"),
         ("sb_attention", "g = dRem.float() * rem.float()", "g = dRem.float()"),
     ],
     "08_performance": [
         ("attention_flops", "(1 if causal else 2)", "(2 if causal else 1)"),
         ("median_ms", "    for _ in range(warmup):\n        fn(*args)\n", ""),
-        ("fast_kernel", "tl.cdiv(tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N)", "tl.cdiv(T, BLOCK_N)"),
+        EVERY_KEY_BLOCK,
     ],
     "09_capstone": [
         ("flip_flop_batch", "bits = torch.where(instr == READ, bits.gather(1, last_write), bits)", "bits = bits"),
         ("rope", "x1, x2 = x[..., 0::2], x[..., 1::2]", "x1, x2 = x[..., : d // 2], x[..., d // 2 :]"),
-        ("tiny_lm", "        x = self.embed(tokens)\n",
-         "        x = self.embed(tokens)\n"
-         "        pos = torch.arange(x.shape[1], device=x.device)[:, None]\n"
-         "        x = x + torch.sin(pos / 10000 ** (torch.arange(x.shape[2], device=x.device) / x.shape[2]))\n"),
+        POSITIONAL_ENCODING,
         ("evaluate", "hit = logits[:, :-1].argmax(dim=-1) == tokens[:, 1:]", "hit = logits.argmax(dim=-1) == tokens"),
         ("evaluate", "read_mask[:, 1:]", "read_mask"),
     ],
@@ -467,22 +314,19 @@ def nbgrader(env, course, *args, timeout=600):
     return proc
 
 
-def wrong_everywhere_submission(lesson):
+def wrong_submission(lesson, mistakes=None):
+    """The solution notebook with its mistakes: whole solution cells by grade_id (a dict), or edits (a list of
+    (grade_id, right text, wrong text), each right text found exactly once in its cell)."""
     nb = read(solution_path(lesson))
+    mistakes = WRONG[lesson][0] if mistakes is None else mistakes
     cells = {nbgrader_meta(cell).get("grade_id"): cell for cell in nb.cells}
-    for grade_id, right, wrong in WRONG_EVERYWHERE[lesson]:
-        assert cells[grade_id].source.count(right) == 1, f"{lesson}/{grade_id}: {right!r} is not in the solution once"
-        cells[grade_id].source = cells[grade_id].source.replace(right, wrong)
-    return nb
-
-
-def wrong_submission(lesson, replacements=None):
-    nb = read(solution_path(lesson))
-    replacements = WRONG[lesson][0] if replacements is None else replacements
-    for cell in nb.cells:
-        grade_id = nbgrader_meta(cell).get("grade_id")
-        if grade_id in replacements:
-            cell.source = replacements[grade_id].strip("\n")
+    if isinstance(mistakes, dict):
+        for grade_id, source in mistakes.items():
+            cells[grade_id].source = source.strip("\n")
+    else:
+        for grade_id, right, wrong in mistakes:
+            assert cells[grade_id].source.count(right) == 1, f"{lesson}/{grade_id}: {right!r} is not in the solution once"
+            cells[grade_id].source = cells[grade_id].source.replace(right, wrong)
     return nb
 
 
@@ -502,7 +346,7 @@ def course(isolated_env, tmp_path_factory):
                        "untouched": read(course / "lessons" / lesson / f"{lesson}.ipynb"),
                        "wrong": wrong_submission(lesson)}
         if lesson in WRONG_EVERYWHERE:
-            submissions["wrong_everywhere"] = wrong_everywhere_submission(lesson)
+            submissions["wrong_everywhere"] = wrong_submission(lesson, WRONG_EVERYWHERE[lesson])
         for student, nb in submissions.items():
             folder = course / "submitted" / student / lesson
             folder.mkdir(parents=True)

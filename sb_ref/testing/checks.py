@@ -716,23 +716,32 @@ def check_blocked_attention(blocked_attention, *, seed=0, cases=_BLOCK_CASES, dt
 
 
 @_quietly
+def _probe_memory(check, call, fn, args, case, prerequisite, who, hint):
+    """Runs ``fn(*args)`` (args = q, k, v, ...: float32, one head) under the allocation probe, through ``call`` (a
+    check's way of calling learner code): its o must match the oracle (``prerequisite`` is the check that tests
+    it) and no single allocation may reach T * T / 8 elements. Returns the probe."""
+    q, k, v = args[:3]
+    T = q.shape[-2]
+    result, probe = call(check, probed_call, (fn, args), {}, case, label=_name(fn))
+    o, rem = _unpack(result, 2, check, fn, case, ("o", "rem"))
+    o_ref, _ = oracle_attention(q, k, v)
+    _compare(check, o, o_ref, TOLERANCE[torch.float32], case, what="o",
+             hint=f"the memory check needs a correct result first: pass {prerequisite}.")
+    limit = T * T // 8
+    if probe.numel > limit:
+        raise AssertionError(
+            f"{check}: your {who} allocated a tensor of {probe.numel} elements (shape {probe.shape}, made by "
+            f"{probe.op}) for {case}; T * T = {T * T}, and the limit is T * T / 8 = {limit}.\n  hint: {hint}")
+    return probe
+
+
 def check_blocked_memory(blocked_attention, *, T=384, block=32, D=16, seed=0):
     """Lesson 04: ``blocked_attention`` never allocates anything near T * T (probed with :class:`LargestAllocation`)."""
     check = "check_blocked_memory"
     q, k, v = make_inputs("random", B=1, Hq=1, T=T, D=D, dtype=torch.float32, seed=seed)
     case = _case(q=tuple(q.shape), block=block, dtype=torch.float32)
-    result, probe = _call(check, probed_call, (blocked_attention, (q, k, v, block)), {}, case,
-                          label=_name(blocked_attention))
-    o, rem = _unpack(result, 2, check, blocked_attention, case, ("o", "rem"))
-    o_ref, _ = oracle_attention(q, k, v)
-    _compare(check, o, o_ref, TOLERANCE[torch.float32], case, what="o",
-             hint="the memory check needs a correct result first: pass check_blocked_attention.")
-    limit = T * T // 8
-    if probe.numel > limit:
-        raise AssertionError(
-            f"{check}: your function allocated a tensor of {probe.numel} elements (shape {probe.shape}, made by "
-            f"{probe.op}) for {case}; T * T = {T * T}, and the limit is T * T / 8 = {limit}.\n"
-            "  hint: work one tile (block x block scores) at a time; keep per query row only the output, the carry "
-            "and nothing of length T per query.")
+    probe = _probe_memory(check, _call, blocked_attention, (q, k, v, block), case, "check_blocked_attention",
+                          "function", "work one tile (block x block scores) at a time; keep per query row only the "
+                          "output, the carry and nothing of length T per query.")
     print(f"{check}: passed; largest allocation {probe.numel} elements (shape {probe.shape}) for T = {T}, "
           f"block = {block}: {probe.numel / (T * T):.1%} of T * T.")

@@ -18,8 +18,9 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .checks import _NOT_ATTEMPTED, TOLERANCE, _call, _case, _compare, _logits, _name, _quietly, _unpack, _verdict
-from .core import REGIMES, make_inputs, oracle_attention, probed_call, rel_err
+from .checks import (_NOT_ATTEMPTED, TOLERANCE, _call, _case, _compare, _logits, _name, _probe_memory, _quietly,
+                     _unpack, _verdict)
+from .core import REGIMES, make_inputs, oracle_attention, rel_err
 
 __all__ = ["check_log_sigmoids_triton", "check_sb_forward", "check_sb_forward_memory"]
 
@@ -222,18 +223,9 @@ def check_sb_forward_memory(sb_forward, *, T=None, D=16, block=64, seed=0):
     T = T or (2048 if device == "cuda" else 256)
     q, k, v = make_inputs("random", B=1, Hq=1, T=T, D=D, dtype=torch.float32, device=device, seed=seed)
     case = _case(q=tuple(q.shape), dtype=torch.float32, block_m=block, block_n=block)
-    result, probe = _run(check, probed_call, (sb_forward, (q, k, v, False, block, block)), {}, case,
-                         label=_name(sb_forward))
-    o, rem = _unpack(result, 2, check, sb_forward, case, ("o", "rem"))
-    o_ref, _ = oracle_attention(q, k, v)
-    _compare(check, o, o_ref, TOLERANCE[torch.float32], case, what="o",
-             hint="the memory check needs a correct result first: pass check_sb_forward.")
-    limit = T * T // 8
-    if probe.numel > limit:
-        raise AssertionError(
-            f"{check}: your launcher allocated a tensor of {probe.numel} elements (shape {probe.shape}, made by "
-            f"{probe.op}) for {case}; T * T = {T * T}, and the limit is T * T / 8 = {limit}.\n"
-            "  hint: the launcher allocates o and rem only; the logits, the weights and the carry live in the "
-            "kernel's tiles, one [block_m, block_n] tile at a time, never in a PyTorch tensor.")
+    probe = _probe_memory(check, _run, sb_forward, (q, k, v, False, block, block), case, "check_sb_forward",
+                          "launcher", "the launcher allocates o and rem only; the logits, the weights and the carry "
+                          "live in the kernel's tiles, one [block_m, block_n] tile at a time, never in a PyTorch "
+                          "tensor.")
     print(f"{check}: passed on {device}; largest allocation {probe.numel} elements (shape {probe.shape}) for "
           f"T = {T}: {probe.numel / (T * T):.1%} of T * T.")

@@ -70,7 +70,9 @@ def _ref_rope(x, positions, base=10000.0, pairs="interleaved"):
 
 
 class _SoftmaxRopeAttention(nn.Module):
-    """The lesson's causal softmax attention with RoPE (same parameter names), on the reference RoPE."""
+    """The lesson's causal softmax attention with RoPE (same parameter names), on the reference RoPE (``rope``)."""
+
+    rope = staticmethod(_ref_rope)
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -85,7 +87,7 @@ class _SoftmaxRopeAttention(nn.Module):
         H, d = self.num_heads, self.head_dim
         q, k, v = (p(x).view(B, T, H, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         positions = torch.arange(T)
-        q, k = _ref_rope(q, positions).to(x.dtype), _ref_rope(k, positions).to(x.dtype)
+        q, k = self.rope(q, positions).to(x.dtype), self.rope(k, positions).to(x.dtype)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
