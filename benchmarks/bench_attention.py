@@ -8,6 +8,9 @@ TFLOP/s counts 2*B*H*T^2*D flops for a causal forward and 2.5x that for the back
 Accuracy: relative Frobenius error against the float64 oracle (tests/reference.py) on the same rounded inputs.
 --sweep times a few tile configurations of each kernel first and keeps the fastest (printed, not saved).
 --regime long times inputs whose sticks last for thousands of keys (the default, random, uses them up within tens).
+--early-exit on|off overrides the kernels' EARLY_EXIT for the whole run; both times the op each way (two rows).
+--varlen adds a table: 65536 tokens packed as sequences of mixed length (cu_seqlens) against an equal-length batch
+with the same work per token, both in the chosen regime.
 """
 import argparse
 import datetime
@@ -69,8 +72,17 @@ def time_pair(fwd):
     return t_f, ms(fb)
 
 
-def sb_fwd(q, k, v):
-    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False)[0]
+def sb_fwd(q, k, v, early_exit=None):
+    """The op's forward as a closure; early_exit True/False sets the kernels' EARLY_EXIT before each call."""
+    def f():
+        if early_exit is not None:
+            K.EARLY_EXIT = early_exit
+        return stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False)[0]
+    return f
+
+
+def sb_varlen_fwd(q, k, v, cu):
+    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False, cu)[0]
 
 
 def sdpa_fwd(q, k, v, backend):
@@ -117,10 +129,10 @@ def _problem(D):
     B, H = (4, 12) if D == 128 else (8, 16)
     q, k, v = inputs(B, H, KERNEL_T, D)
     scale = D ** -0.5
-    o, rem = K._forward(q, k, v, scale, False, None)
+    o, rem, lo = K._forward(q, k, v, scale, False, None)
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
-    c = dict(K._common(q, k, v, None), scale=scale)
+    c = dict(K._common(q, k, v, None), scale=scale, lo=lo if lo.numel() else None)
     ops = K._backward_operands(c, do, drem * rem, q, k, v)
     dq, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, False)
     # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
@@ -193,6 +205,34 @@ def ablations(D=128):
     return lines
 
 
+def varlen_rows(regime, H=12, D=128, tokens=65536, seed=0):
+    """Throughput of a packed batch of mixed lengths (uniform in [128, 8192], summing to `tokens`) against an
+    equal-length batch whose length L = sum(len^2) / sum(len) gives the same causal work per token."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(min(int(torch.randint(128, 8193, (1,), generator=g)), tokens - sum(lengths)))
+    work = sum(n * n for n in lengths)
+    L = max(64, round(work / tokens / 64) * 64)
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    rows = []
+    q, k, v = inputs(1, H, tokens, D, regime=regime)
+    t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu))
+    rows.append((f"{len(lengths)} sequences, {min(lengths)}..{max(lengths)} tokens (cu_seqlens)", (1, H, tokens, D),
+                 t_f, t_fb, 2 * H * work * D))
+    del q, k, v
+    B = max(1, tokens // L)
+    q, k, v = inputs(B, H, L, D, regime=regime)
+    t_f, t_fb = time_pair(sb_fwd(q, k, v))
+    rows.append((f"equal length {L}", (B, H, L, D), t_f, t_fb, 2 * B * H * L * L * D))
+    for name, shape, t_f, t_fb, flops in rows:
+        print(f"varlen {name} {shape}: fwd {t_f:.3f} ms {flops / t_f * 1e-9:.1f} TF/s, fwd+bwd {t_fb:.3f} ms "
+              f"{3.5 * flops / t_fb * 1e-9:.1f} TF/s", flush=True)
+    del q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
 def accuracy_rows():
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -217,7 +257,13 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
     ap.add_argument("--kernel-t", type=int, default=4096, help="sequence length of --sweep and --ablate")
     ap.add_argument("--regime", default="random", choices=("random", "long"), help="input regime of the speed table")
+    ap.add_argument("--early-exit", default=None, choices=("on", "off", "both"),
+                    help="override the kernels' EARLY_EXIT, or time both")
+    ap.add_argument("--varlen", action="store_true", help="also time a packed batch of mixed lengths")
     args = ap.parse_args()
+    if args.early_exit in ("on", "off"):
+        K.EARLY_EXIT = args.early_exit == "on"
+    default_exit = K.EARLY_EXIT
     global KERNEL_T
     KERNEL_T = args.kernel_t
     from torch.nn.attention import SDPBackend
@@ -231,8 +277,11 @@ def main():
         q, k, v = inputs(B, H, T, D, regime=args.regime)
         flops = 2 * B * H * T * T * D
         res = {}
-        impls = [("sb (triton)", lambda: sb_fwd(q, k, v)),
-                 ("flash", lambda: sdpa_fwd(q, k, v, SDPBackend.FLASH_ATTENTION)),
+        if args.early_exit == "both":
+            impls = [("sb, exit off", lambda: sb_fwd(q, k, v, False)), ("sb, exit on", lambda: sb_fwd(q, k, v, True))]
+        else:
+            impls = [("sb (triton)", lambda: sb_fwd(q, k, v))]
+        impls += [("flash", lambda: sdpa_fwd(q, k, v, SDPBackend.FLASH_ATTENTION)),
                  ("cudnn", lambda: sdpa_fwd(q, k, v, SDPBackend.CUDNN_ATTENTION))]
         if args.flex:
             impls.append(("flex", lambda: flex_fwd(q, k, v)))
@@ -252,6 +301,8 @@ def main():
                   f"fwd+bwd {t_fb:7.3f} ms {rows[-1][5]:6.1f} TF/s ({rfb:.3f}x flash)", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
+    K.EARLY_EXIT = default_exit
+    var = varlen_rows(args.regime) if args.varlen else []
     acc = accuracy_rows()
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -262,7 +313,8 @@ def main():
           f"- tiles: fwd {K.CONFIGS[128]['fwd']}, dq {K.CONFIGS[128]['dq']}, dkdv {K.CONFIGS[128]['dkdv']} (D=128); "
           f"D=64: fwd {K.CONFIGS[64]['fwd']}, dq {K.CONFIGS[64]['dq']}, dkdv {K.CONFIGS[64]['dkdv']}",
           "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg])",
-          f"- input regime of the speed table: {args.regime}", "",
+          f"- input regime of the speed table: {args.regime}; early exit "
+          f"{'both ways' if args.early_exit == 'both' else 'on' if K.EARLY_EXIT else 'off'}", "",
           "## Speed (causal, bf16, median of do_bench)", "",
           "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",
           "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s "
@@ -270,6 +322,16 @@ def main():
           "|---|---|---|---|---|---|---|---|"]
     for shape, name, t_f, tf_f, t_fb, tf_fb, rf, rfb in rows:
         md.append(f"| {shape} | {name} | {t_f:.3f} | {tf_f:.1f} | {rf:.3f}x | {t_fb:.3f} | {tf_fb:.1f} | {rfb:.3f}x |")
+    if var:
+        md += ["", f"## Variable length (bf16, causal, {args.regime} regime)", "",
+               "The same work per token in both rows; the ratio is the packed batch's throughput over the "
+               "equal-length one's.", "",
+               "| batch | (B, H, T, D) | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|"]
+        for name, shape, t_f, t_fb, flops in var:
+            md.append(f"| {name} | {shape} | {t_f:.3f} | {flops / t_f * 1e-9:.1f} | {t_fb:.3f} | "
+                      f"{3.5 * flops / t_fb * 1e-9:.1f} |")
+        (_, _, vf, vfb, vfl), (_, _, ef, efb, efl) = var
+        md.append(f"| packed / equal length | | | {vfl / vf / (efl / ef):.3f}x | | {vfl / vfb / (efl / efb):.3f}x |")
     md += ["", "## Accuracy vs the float64 oracle (B=1, Hq=2, Hk=1, T=2048, D=128, attend_current=False)", "",
            "Relative Frobenius error on the same rounded inputs; loss = (o*dO).sum() + (rem*dRem).sum().", "",
            "| dtype | regime | o | rem | dq | dk | dv |", "|---|---|---|---|---|---|---|"]

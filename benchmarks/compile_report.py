@@ -8,7 +8,9 @@ float16 copies it makes), and the ptxas and nvdisasm that ship with triton repor
 registers, spill bytes, and counts of the SASS instructions that decide speed here: HGMMA (Hopper's wgmma
 tensor-core path) against HMMA (the older one), MUFU (the special-function unit: exp2), the float32 ALU
 (FFMA, FADD, FMUL, FMNMX, FSEL, FSETP), bit logic (LOP3: also the sign flips the compiler could not fold into
-an FMA), conversions and packs (F2F, F2FP), local memory (LDL, STL: spills).
+an FMA), conversions and packs (F2F, F2FP), local memory (LDL, STL: spills), and whether ptxas serialized the
+kernel's wgmma products (its warning C7515: each product then waits for the one before; a reduction in a loop's
+condition did it once here).
 Counts are static (the whole kernel, both the diagonal and the off-diagonal loop), to compare versions, not to
 time them. The triton version here may differ from a GPU machine's; `--out` keeps PTX and SASS for reading.
 """
@@ -32,11 +34,11 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "LOP3", "F2F", "F2FP", "LDL", "STL"]
 # pointer arguments by kernel, for bfloat16 inputs: the backward reads float16 copies (_backward_operands)
 POINTERS = {
-    "fwd": dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", CU="i32", INV_SCALE_V="fp32"),
+    "fwd": dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", LO="i32", CU="i32", SC="fp32"),
     "dq": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", REM="fp32", DREM="fp32", DQ="bf16", DELTA="fp32",
-               TW="fp32", TR="fp32", CU="i32", SC="fp32"),
+               TW="fp32", TR="fp32", LO="i32", CU="i32", SC="fp32"),
     "dkdv": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", DELTA="fp32", TW="fp32", TR="fp32", DK="bf16",
-                 DV_="bf16", CU="i32", SC="fp32"),
+                 DV_="bf16", MB_STOP="i32", CU="i32", SC="fp32"),
 }
 KERNELS = {"fwd": K._fwd_kernel, "dq": K._bwd_dq_kernel, "dkdv": K._bwd_dkdv_kernel}
 
@@ -70,7 +72,7 @@ def compile_kernel(name, dim):
 
 
 def report(compiled):
-    """(registers, spill store bytes, Counter of SASS opcodes, SASS text) of a compiled kernel."""
+    """(registers, spill store bytes, wgmma serialized, Counter of SASS opcodes, SASS text) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -86,9 +88,10 @@ def report(compiled):
                               check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", ptxas).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", ptxas).group(1))
+    serialized = "C7515" in ptxas
     ops = collections.Counter(m.group(1).split(".")[0] for m in
                               re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M))
-    return registers, spills, ops, sass
+    return registers, spills, serialized, ops, sass
 
 
 def main():
@@ -99,14 +102,14 @@ def main():
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_90, bfloat16 inputs; static instruction counts")
     print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages, maxnreg) | registers | spill bytes | "
-          + " | ".join(OPS) + " |")
-    print("|---" * (5 + len(OPS)) + "|")
+          "wgmma serialized | " + " | ".join(OPS) + " |")
+    print("|---" * (6 + len(OPS)) + "|")
     for dim in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
             compiled, tiles = compile_kernel(name, dim)
-            registers, spills, ops, sass = report(compiled)
-            print(f"| {name} | {dim} | {tiles} | {registers} | {spills} | " + " | ".join(str(ops[o]) for o in OPS)
-                  + " |", flush=True)
+            registers, spills, serialized, ops, sass = report(compiled)
+            print(f"| {name} | {dim} | {tiles} | {registers} | {spills} | {'yes' if serialized else 'no'} | "
+                  + " | ".join(str(ops[o]) for o in OPS) + " |", flush=True)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):

@@ -198,9 +198,11 @@ def _query_block(CU, T, H, N_SEQ, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, B
 # Early exit on used-up sticks: a query block has nothing left to give once every row's carry (the sum of
 # log2(1 - beta) over the keys walked) is below EXHAUSTED, since 2^-160 is under float32's smallest number: every
 # weight of a key farther left, and the remainder, round to 0 whether those keys are visited or not. With
-# EARLY_EXIT the query-major walks go in segments of EXIT_SEGMENT key blocks (each a software-pipelined loop) and
-# stop between segments once that holds (EXIT_SEGMENTS below: short under the interpreter, to test several).
-EXHAUSTED = tl.constexpr(-160.0)
+# EARLY_EXIT the forward walks EXIT_SEGMENT key blocks past the diagonal, stops there if that holds, and records
+# the first key it walked (LO); the backward's walks go exactly as far (their loop bounds come from LO, see
+# _exit_bounds). NaN in, NaN out: a used-up stick times a NaN is still NaN, so a head whose inputs are not all
+# finite walks everything.
+EXHAUSTED = -160.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
+def _fwd_kernel(Q, K, V, O, REM, LO, CU, SC, scale, T,
                 s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                 s_ob, s_oh, s_ot, s_od,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
@@ -251,12 +253,15 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
     qk_scale = scale * 1.4426950408889634
+    # this kv-head's [1 / scale of v, exit threshold] (see _forward_table)
+    SC += (i_b * (H // GROUP) + i_h // GROUP) * 2
 
     Q += i_b * s_qb + i_h * s_qh
     K += i_b * s_kb + (i_h // GROUP) * s_kh
     V += i_b * s_vb + (i_h // GROUP) * s_vh
     O += i_b * s_ob + i_h * s_oh
     REM += (i_b * H + i_h) * T
+    LO += (i_b * H + i_h) * T
 
     o_m = m0 + tl.arange(0, BLOCK_M)
     m_m = o_m < seq_end
@@ -269,20 +274,25 @@ def _fwd_kernel(Q, K, V, O, REM, CU, INV_SCALE_V, scale, T,
                           nb_hi - nb_full, qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
                           PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
     if EARLY_EXIT:
-        # segments of EXIT_SEGMENT key blocks, each a pipelined loop; between them, stop once the stick is used up
-        it = nb_full * 0
-        while (it < nb_full) & (tl.max(b_s, axis=0) > EXHAUSTED):
-            it_end = tl.minimum(it + EXIT_SEGMENT, nb_full)
+        # the first EXIT_SEGMENT key blocks, then the rest only if some row's stick is not used up yet; one check,
+        # between two loops: a reduction in a loop's condition makes ptxas serialize the tensor-core products
+        it = tl.minimum(nb_full, EXIT_SEGMENT)
+        b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full,
+                              0, it, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION,
+                              SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+        if tl.max((m_m & (b_s >= tl.load(SC + 1))).to(tl.int32), axis=0) > 0:
             b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full,
-                                  it, it_end, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
+                                  it, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
                                   PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
-            it = it_end
+            it = nb_full
+        # the first key this block walked: the backward walks as far
+        tl.store(LO + o_m, seq_start + (nb_full - it) * BLOCK_N, mask=m_m)
     else:
         b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, 0,
                               nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION,
                               SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
-    # V may be a float16 copy scaled by a power of two (see _v_operand): undo the scale
-    b_o *= tl.load(INV_SCALE_V + i_b * (H // GROUP) + i_h // GROUP)
+    # V may be a float16 copy scaled by a power of two (see _forward_table): undo the scale
+    b_o *= tl.load(SC)
 
     o_dv = tl.arange(0, BLOCK_DV)
     p_o = O + o_m[:, None] * s_ot + o_dv[None, :] * s_od
@@ -345,13 +355,13 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, LO, CU, SC, scale, T, CHUNK, N_CHUNKS,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                    s_dob, s_doh, s_dot, s_dod,
                    H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
-                   EARLY_EXIT: tl.constexpr, EXIT_SEGMENT: tl.constexpr,
+                   EARLY_EXIT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # the operands' scales (see _operand_scales): logits, gradients, dz, and dq at the end
@@ -368,6 +378,7 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
     REM += (i_b * H + i_h) * T
     DREM += (i_b * H + i_h) * T
     DELTA += (i_b * H + i_h) * T
+    LO += (i_b * H + i_h) * T
     TW += (i_b * H + i_h) * N_CHUNKS * T
     TR += (i_b * H + i_h) * N_CHUNKS * T
 
@@ -392,25 +403,20 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
                                     log2_dz_scale, T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION,
                                     SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     if EARLY_EXIT:
-        # as in the forward: segments, and a stop once the stick is used up (see EXHAUSTED)
-        it = nb_full * 0
-        while (it < nb_full) & (tl.max(b_w, axis=0) > EXHAUSTED):
-            it_end = tl.minimum(it + EXIT_SEGMENT, nb_full)
-            b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt,
-                                            s_kd, s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, it, it_end,
-                                            qk_scale, log2_dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST,
-                                            DOT_DTYPE, PRECISION, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
-            it = it_end
-        # the chunk boundaries left of where the walk stopped get its final carries (the keys beyond add nothing),
-        # so that the key-major kernel finds these rows' sticks used up there too
-        for c in range(1, ((nb_full - 1 - it) * BLOCK_N) // CHUNK + 1):
-            tl.store(TW + (c - 1) * T + o_m, b_w, mask=m_m)
-            tl.store(TR + (c - 1) * T + o_m, b_r, mask=m_m)
+        # as far back as the forward walked for this block (LO: one value per forward block, which holds this
+        # block whole); the keys beyond add exact zeros
+        lo = tl.load(LO + m0, mask=m0 < seq_end, other=seq_end)
+        it_stop = tl.maximum(tl.minimum(nb_full - (lo - seq_start) // BLOCK_N, nb_full), 0)
+        # ... unless this head's inputs or gradients are not all finite (NaN in, NaN out)
+        it_stop = tl.where(tl.load(SC + 7) != 0, nb_full, it_stop)
     else:
-        b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                        s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, 0, nb_full, qk_scale,
-                                        log2_dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
-                                        PRECISION, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+        it_stop = nb_full
+    # chunk boundaries the walk does not reach keep the table's -inf: there the key-major kernel finds these rows'
+    # sticks used up (see _carry_tables)
+    b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, 0, it_stop, qk_scale,
+                                    log2_dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
+                                    PRECISION, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     # delta_i = sum_j dl_ij, the float32 sum of the very dl both kernels recompute, stored with g added: the
     # key-major kernel's C_ik + g_i starts from it
     tl.store(DELTA + o_m, b_r + b_g, mask=m_m)
@@ -470,14 +476,14 @@ def _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q, DO, DELTA, TW, TR, s_qt
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, MB_STOP, CU, SC, scale, T, CHUNK, N_CHUNKS,
                      s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                      s_dob, s_doh, s_dot, s_dod,
                      H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                      VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
-                     SCAN_DL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr):
+                     SCAN_DL: tl.constexpr, EARLY_EXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # axis 0 enumerates (batch, sequence, kv-head), axis 1 the chunks: chunk 0 has the most query blocks after it,
     # and the GPU starts programs in launch order, so every head's chunk 0 goes first
     i_bnh = tl.program_id(0)
@@ -522,6 +528,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUN
             off_do = i_b * s_dob + i_h * s_doh
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
+            if EARLY_EXIT:
+                # the query blocks from mb_stop on used up their sticks before this key block (see _exit_bounds)
+                mb_stop = tl.minimum(tl.maximum(tl.load(MB_STOP + off_row + n0), mb_full), mb_end)
+                mb_stop = tl.where(tl.load(SC + 7) != 0, mb_end, mb_stop)
+            else:
+                mb_stop = mb_end
             b_dkt, b_dvt = _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
                                      seq_start, seq_end, mb_lo, mb_full, qk_scale, dz_scale, D, DV, True,
@@ -529,7 +541,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, CU, SC, scale, T, CHUN
                                      BLOCK_D, BLOCK_DV)
             b_dkt, b_dvt = _dkdv_inner(b_dkt, b_dvt, TRI_L, TRI_C, b_k, b_v, Q + off_q, DO + off_do, DELTA + off_row,
                                      TW + off_tab, TR + off_tab, s_qt, s_qd, s_dot, s_dod, o_n,
-                                     seq_start, seq_end, mb_full, mb_end, qk_scale, dz_scale, D, DV, False,
+                                     seq_start, seq_end, mb_full, mb_stop, qk_scale, dz_scale, D, DV, False,
                                      ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L, SCAN_DL, BLOCK_M,
                                      BLOCK_D, BLOCK_DV)
         p_dk = DK + o_n[:, None] * D + o_d[None, :]
@@ -562,10 +574,10 @@ CONFIGS = {
 # backward) is a single float16 product, bfloat16 operands entering as float16 copies scaled per kv-head by a power
 # of two (_scaled_f16). With F16_PRODUCTS off, the forward's A goes in as a bfloat16 hi + lo pair instead.
 F16_PRODUCTS = True
-# Early exit on used-up sticks in the query-major walks (EXHAUSTED): exact, since what it skips rounds to 0; key
-# blocks per segment of the walk between two checks.
+# Early exit on used-up sticks (EXHAUSTED): exact, since what it skips rounds to 0; the key blocks the forward
+# walks past the diagonal before it checks.
 EARLY_EXIT = False
-EXIT_SEGMENTS = {"interpret": 2, "gpu": 16}
+EXIT_SEGMENTS = {"interpret": 6, "gpu": 8}
 # The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
 COMPILED = {}
 # Chunks of the backward table: at most MAX_CHUNKS per sequence, each a multiple of every block size.
@@ -632,13 +644,23 @@ def _scaled_f16(x, s):
     return torch.mul(x.detach(), s.to(x.dtype), out=x16)
 
 
-def _v_operand(c, v):
-    """The forward's v operand and a table (B, Hk) of the inverse scales to apply to o: with F16_PRODUCTS a float16
-    copy of a bfloat16 v (_scaled_f16), else v itself and ones."""
-    if not (c["f16"] and v.dtype == torch.bfloat16):
-        return v, torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
-    s = _pow2_scale(_group_amax(v, v.shape[1]))
-    return _scaled_f16(v, s), 1.0 / s
+def _forward_table(c, k, v):
+    """The forward's v operand and a table (B, Hk, 2) per kv-head: [1 / the scale of v, the exit threshold].
+
+    With F16_PRODUCTS a bfloat16 v goes in as a float16 copy (_scaled_f16) and o is scaled back; else v itself
+    and 1. The threshold is EXHAUSTED, or -inf (never used up) where k or v holds a NaN or an infinity."""
+    hk = v.shape[1]
+    amax_v = _group_amax(v, hk) if (c["f16"] and v.dtype == torch.bfloat16) or EARLY_EXIT else None
+    if c["f16"] and v.dtype == torch.bfloat16:
+        s = _pow2_scale(amax_v)
+        v, inv = _scaled_f16(v, s), 1.0 / s
+    else:
+        inv = torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
+    exhausted = torch.full_like(inv, EXHAUSTED)
+    if EARLY_EXIT:
+        finite = torch.isfinite(amax_v + _group_amax(k, hk))
+        exhausted = torch.where(finite, exhausted, -float("inf"))
+    return v, torch.stack([inv, exhausted], dim=-1)
 
 
 def _backward_operands(c, do, g, q, k, v):
@@ -669,27 +691,34 @@ def _backward_operands(c, do, g, q, k, v):
                               .clamp(-100, 100))
     gdz = grad * dz_scale
     scale = c["scale"]
+    # the last entry: 1 where an input or a gradient is not finite, which turns early exit off (NaN in, NaN out)
+    walk_all = (~torch.isfinite(amax).all(0)).double()
     table = torch.stack([1.0 / (s_q * s_k), gdz, dz_scale, scale / (gdz * s_k), scale / (gdz * s_q), 1.0 / s_do,
-                         torch.log2(dz_scale), torch.zeros_like(grad)], dim=-1)
+                         torch.log2(dz_scale), walk_all], dim=-1)
     return do, q, k, v, table.float()
 
 
 def _forward(q, k, v, scale, attend_current, cu_seqlens):
+    """(o, rem, lo): with EARLY_EXIT, lo (B, H, T) int32 holds the first key each row's block walked, for the
+    backward; without it lo is empty and the backward walks everything."""
     c = _common(q, k, v, cu_seqlens)
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    lo = torch.empty((B, H, T) if EARLY_EXIT else (0,), dtype=torch.int32, device=q.device)
     bm, bn, warps, stages, scan_l, _, extra = _config("fwd", max(c["block_d"], c["block_dv"]), q.dtype,
                                                       q.device)
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
     if grid[1] > 0:
-        v_op, inv_scale = _v_operand(c, v)
+        v_op, table = _forward_table(c, k, v)
         COMPILED["fwd"] = _fwd_kernel[grid](
-            q, k, v_op, o, rem, c["cu"], inv_scale, float(scale), T, *q.stride(), *k.stride(), *v_op.stride(),
-            *o.stride(), H=H, SCAN_L=scan_l, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-            num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], SPLIT_A=c["split_a"],
-            **_exit_args(c), **extra, **_kernel_args(c, attend_current, c["dot_dtype"]))
-    return o, rem
+            q, k, v_op, o, rem, lo if EARLY_EXIT else rem, c["cu"], table, float(scale), T, *q.stride(),
+            *k.stride(), *v_op.stride(), *o.stride(), H=H, SCAN_L=scan_l, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"],
+            SPLIT_A=c["split_a"], EARLY_EXIT=EARLY_EXIT,
+            EXIT_SEGMENT=EXIT_SEGMENTS["interpret" if c["upcast"] else "gpu"], **extra,
+            **_kernel_args(c, attend_current, c["dot_dtype"]))
+    return o, rem, lo
 
 
 def chunk_size(max_len, interpret):
@@ -698,11 +727,12 @@ def chunk_size(max_len, interpret):
     return max(smallest, triton.next_power_of_2(triton.cdiv(max(max_len, 1), MAX_CHUNKS)))
 
 
-def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
+def _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens):
     c = _common(q, k, v, cu_seqlens)
     if c["max_len"] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     c["scale"] = scale
+    c["lo"] = lo if lo.numel() > 0 else None
     drem = drem.to(torch.float32).contiguous()
     ops = _backward_operands(c, do, drem * rem, q, k, v)
     dq, delta_g, tw, tr, chunk = _backward_dq(c, ops, drem, rem, attend_current)
@@ -710,9 +740,26 @@ def _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
     return dq, dk, dv
 
 
-def _exit_args(c):
-    """The query-major kernels' early exit: the switch and the segment length (see EXHAUSTED)."""
-    return dict(EARLY_EXIT=EARLY_EXIT, EXIT_SEGMENT=EXIT_SEGMENTS["interpret" if c["upcast"] else "gpu"])
+def _exit_bounds(lo, c, block_m, block_n):
+    """For the key-major kernel under early exit: at each key position p, how many query blocks of p's sequence
+    (from its first) reach back to the key block that starts at p; the rows of all later blocks stopped their
+    walks (lo, from the forward) right of it.
+
+    A block's rows reach back to the smallest lo among them, the blocks from m on to suf[m], the smallest of those
+    from m on, which grows with m. Laid out sequence after sequence, suf grows along the whole packed row (a
+    sequence's lo lie inside it), so one searchsorted per position counts the blocks that reach its key block."""
+    B, H, T = lo.shape
+    dev = lo.device
+    cu, seq, row = _sequence_positions(c, T, dev)
+    n_blocks = (cu[1:] - cu[:-1] + block_m - 1) // block_m
+    first_block = torch.cumsum(n_blocks, 0, dtype=torch.int32) - n_blocks
+    block = (first_block[seq] + row // block_m).long().expand(B, H, T)
+    # at most T / block_m blocks and a partial one per sequence; unused entries keep T, right of every key
+    reach = torch.full((B, H, T // block_m + cu.numel()), T, dtype=torch.int32, device=dev)
+    reach.scatter_reduce_(2, block, lo, "amin")
+    suf = reach.flip(2).cummin(2).values.flip(2).contiguous()
+    last = torch.minimum(cu[seq] + row + (block_n - 1), cu[seq + 1] - 1).expand(B, H, T).contiguous()
+    return torch.searchsorted(suf, last, right=True).to(torch.int32) - first_block[seq]
 
 
 def _kernel_args(c, attend_current, dot_dtype):
@@ -728,20 +775,50 @@ def _backward_dq(c, ops, drem, rem, attend_current):
     dev = q.device
     chunk = chunk_size(c["max_len"], c["upcast"])
     n_chunks = max(1, triton.cdiv(c["max_len"], chunk))
-    # (W, R) carries at the right end of each chunk, per query row; rows left of a boundary keep an empty carry
-    tw = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
-    tr = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
+    tw, tr = _carry_tables(c, n_chunks, chunk, dev)
     delta_g = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     dq = torch.empty(B, H, T, c["D"], dtype=c["dtype"], device=dev)
     bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", max(c["block_d"], c["block_dv"]), c["dtype"], dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
+    exit_early = c["lo"] is not None
+    # under early exit each block reads the forward's LO at its first row: it must lie inside one forward block
+    assert _config("fwd", max(c["block_d"], c["block_dv"]), c["dtype"], dev)[0] % bm == 0
     COMPILED["dq"] = _bwd_dq_kernel[grid](
-        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["cu"], table, float(c["scale"]), T, chunk, n_chunks,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
-        SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **_exit_args(c), **extra,
+        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["lo"] if exit_early else rem, c["cu"], table,
+        float(c["scale"]), T, chunk, n_chunks, *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H,
+        BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages,
+        EARLY_EXIT=exit_early, **extra,
         **_kernel_args(c, attend_current, _TL_DTYPE[q.dtype]))
+    if exit_early:
+        # where a walk stopped short of a boundary, R is the whole sum of dl: C + g = delta + g - R there is g = 0
+        tr = torch.where(tw == -float("inf"), delta_g[:, :, None, :], tr)
     return dq, delta_g, tw, tr, chunk
+
+
+def _carry_tables(c, n_chunks, chunk, dev):
+    """The (W, R) tables (B, H, n_chunks, T) that the query-major kernel fills: the carries at the right end of each
+    chunk, per query row. Rows left of a boundary keep an empty carry (0, 0); under early exit the rows right of it
+    start at W = -inf, which a walk that stops short of the boundary leaves there: every weight the key-major
+    kernel computes for them past it is then exactly 0, as it would be with the walk's own W < EXHAUSTED."""
+    B, H, T = c["B"], c["H"], c["T"]
+    tr = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
+    if c["lo"] is None:
+        return torch.zeros_like(tr), tr
+    _, _, row = _sequence_positions(c, T, dev)
+    ends = (torch.arange(n_chunks, dtype=torch.int32, device=dev)[:, None] + 1) * chunk
+    tw = torch.where(row >= ends, -float("inf"), 0.0).expand(B, H, n_chunks, T).contiguous()
+    return tw, tr
+
+
+def _sequence_positions(c, T, dev):
+    """(cu, seq, row): the sequence boundaries as int32 (one sequence [0, T) without cu_seqlens, built on the
+    device: a tensor made from host values would wait for the GPU), and for each of the T positions its sequence
+    and its position inside it."""
+    cu = c["cu"].to(torch.int32) if c["varlen"] else torch.arange(2, dtype=torch.int32, device=dev) * T
+    pos = torch.arange(T, dtype=torch.int32, device=dev)
+    seq = torch.searchsorted(cu[1:], pos, right=True)
+    return cu, seq, pos - cu[seq]
 
 
 def _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current):
@@ -756,53 +833,59 @@ def _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current):
     assert chunk % bn == 0
     n_chunks = tw.shape[2]
     grid = (B * c["n_seq"] * hk, n_chunks)
+    exit_early = c["lo"] is not None
+    mb_stop = _exit_bounds(c["lo"], c, bm, bn) if exit_early else tw
     COMPILED["dkdv"] = _bwd_dkdv_kernel[grid](
-        q, k, v, do, delta_g, tw, tr, dk, dv, c["cu"], table, float(c["scale"]), T, chunk, n_chunks, *q.stride(),
-        *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl,
-        num_warps=warps, num_stages=stages, **extra, **_kernel_args(c, attend_current, _TL_DTYPE[q.dtype]))
+        q, k, v, do, delta_g, tw, tr, dk, dv, mb_stop, c["cu"], table, float(c["scale"]), T, chunk, n_chunks,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
+        SCAN_DL=scan_dl, EARLY_EXIT=exit_early, num_warps=warps, num_stages=stages, **extra,
+        **_kernel_args(c, attend_current, _TL_DTYPE[q.dtype]))
     return dk, dv
 
 
 @torch.library.custom_op("sb_ref::stick_breaking_triton_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attend_current: bool,
-            cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, scale, attend_current, cu_seqlens)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, attend_current, cu_seqlens):
     B, H, T, _ = q.shape
-    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
+    lo = q.new_empty((B, H, T) if EARLY_EXIT else (0,), dtype=torch.int32)
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32), lo
 
 
 @torch.library.custom_op("sb_ref::stick_breaking_triton_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, drem: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            rem: torch.Tensor, scale: float, attend_current: bool,
+            rem: torch.Tensor, lo: torch.Tensor, scale: float, attend_current: bool,
             cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens)
+    return _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens)
 
 
 @_bwd_op.register_fake
-def _(do, drem, q, k, v, rem, scale, attend_current, cu_seqlens):
+def _(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, attend_current, cu_seqlens = inputs
-    _, rem = output
-    # the backward recomputes everything from q, k, v and one float32 per row (the remainder, for g = dRem * rem)
-    ctx.save_for_backward(q, k, v, rem, cu_seqlens)
+    _, rem, lo = output
+    # the backward recomputes everything from q, k, v, one float32 per row (the remainder, for g = dRem * rem) and
+    # under early exit one int32 per row (how far the forward walked)
+    ctx.save_for_backward(q, k, v, rem, lo, cu_seqlens)
+    ctx.mark_non_differentiable(lo)
     ctx.scale = scale
     ctx.attend_current = attend_current
 
 
-def _autograd_backward(ctx, do, drem):
-    q, k, v, rem, cu_seqlens = ctx.saved_tensors
+def _autograd_backward(ctx, do, drem, _):
+    q, k, v, rem, lo, cu_seqlens = ctx.saved_tensors
     if do is None:
         do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     if drem is None:
         drem = torch.zeros_like(rem)
-    dq, dk, dv = _bwd_op(do, drem, q, k, v, rem, ctx.scale, ctx.attend_current, cu_seqlens)
+    dq, dk, dv = _bwd_op(do, drem, q, k, v, rem, lo, ctx.scale, ctx.attend_current, cu_seqlens)
     return dq, dk, dv, None, None, None
 
 
@@ -816,4 +899,5 @@ def stick_breaking_attention_triton(q, k, v, scale: float, attend_current: bool,
     (N+1,) int offsets with B == 1. Returns o (B, Hq, T, Dv) in q.dtype and rem (B, Hq, T) float32, both
     differentiable in q, k and v. Backward is deterministic (no atomics).
     """
-    return _fwd_op(q, k, v, float(scale), bool(attend_current), cu_seqlens)
+    o, rem, _ = _fwd_op(q, k, v, float(scale), bool(attend_current), cu_seqlens)
+    return o, rem

@@ -1,5 +1,5 @@
 """The Triton kernels compile for an H100 (sm_90) on a machine without a GPU, and every kernel's products take
-Hopper's tensor-core path (wgmma), which the interpreter cannot tell: benchmarks/compile_report.py."""
+Hopper's tensor-core path (wgmma), unserialized, which the interpreter cannot tell: benchmarks/compile_report.py."""
 import os
 import subprocess
 import sys
@@ -23,3 +23,4 @@ def test_kernels_compile_for_sm90_on_the_wgmma_path():
     for name, row in rows.items():
         assert int(row["HGMMA"]) > 0 and int(row["HMMA"]) == 0, f"{name} is off the wgmma path:\n{out}"
         assert int(row["registers"]) <= 255 and int(row["MUFU"]) > 0
+        assert row["wgmma serialized"] == "no", f"ptxas serialized {name}'s tensor-core products (C7515):\n{out}"

@@ -219,14 +219,44 @@ def _outputs_and_grads(q, k, v, scale, attend_current, cu_seqlens=None):
     return [o.detach(), rem.detach()] + [x.grad.clone() for x in (q, k, v)]
 
 
+def _elements_loaded(fn):
+    """Elements the Triton interpreter loads (those the masks keep) while fn() runs."""
+    from triton.runtime import interpreter
+
+    count = [0]
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, *rest, **kwargs):
+        count[0] += int(mask.data.sum()) if mask is not None else ptrs.data.size
+        return original(self, ptrs, mask, *rest, **kwargs)
+
+    interpreter.InterpreterBuilder.create_masked_load = counting_load
+    try:
+        fn()
+    finally:
+        interpreter.InterpreterBuilder.create_masked_load = original
+    return count[0]
+
+
+def _loads_per_kernel(q, k, v, scale, attend_current, cu):
+    """Elements loaded by the forward, the query-major and the key-major kernel, each launched on its own."""
+    o, rem, lo = K._forward(q, k, v, scale, attend_current, cu)
+    c = dict(K._common(q, k, v, cu), scale=scale, lo=lo if lo.numel() else None)
+    drem = torch.ones_like(rem)
+    ops = K._backward_operands(c, torch.ones_like(o), drem * rem, q, k, v)
+    _, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, attend_current)
+    return {"forward": _elements_loaded(lambda: K._forward(q, k, v, scale, attend_current, cu)),
+            "query-major": _elements_loaded(lambda: K._backward_dq(c, ops, drem, rem, attend_current)),
+            "key-major": _elements_loaded(lambda: K._backward_dkdv(c, ops, delta_g, tw, tr.clone(), chunk,
+                                                                   attend_current))}
+
+
 @pytest.mark.parametrize("regime,dtype,attend_current,varlen", [("random", torch.bfloat16, False, False),
                                                                  ("saturated", torch.float32, True, False),
                                                                  ("random", torch.bfloat16, False, True)])
 def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_current, varlen, monkeypatch):
-    """Stopping the query-major walks once every row's stick is below 2^-160 changes no bit of o, rem, dq, dk, dv
-    (what it skips rounds to 0), and it does stop: the forward loads fewer keys."""
-    from sb_ref.testing.speed import key_elements_loaded
-
+    """Stopping the walks once every row's stick is below 2^-160 changes no bit of o, rem, dq, dk, dv (what it
+    skips rounds to 0), and it does stop: each of the three kernels loads less (counted under the interpreter)."""
     T = 448
     q, k, v, scale = make_inputs(regime, 1, 2, 1, T, 16, 16, dtype, seed=12)
     cu = torch.tensor([0, 300, T], dtype=torch.int32, device=DEVICE) if varlen else None
@@ -234,11 +264,55 @@ def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_curr
     for on in (False, True):
         monkeypatch.setattr(K, "EARLY_EXIT", on)
         results[on] = _outputs_and_grads(q, k, v, scale, attend_current, cu)
-        loads[on] = key_elements_loaded(lambda q, k, v: K._forward(q, k, v, scale, attend_current, cu), (q, k, v))
+        if DEVICE == "cpu":
+            loads[on] = _loads_per_kernel(q, k, v, scale, attend_current, cu)
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a, b), f"{name} changed with early exit: largest difference {(a - b).abs().max():.2e}"
     assert bool((results[True][1] == 0).any()), "no row's stick was used up: the test shows nothing"
-    assert loads[True] < loads[False], f"early exit loaded {loads[True]} key elements, without {loads[False]}"
+    for kernel in loads.get(True, {}):
+        assert loads[True][kernel] < loads[False][kernel], \
+            f"{kernel} kernel: {loads[True]} elements loaded with early exit, {loads[False]} without"
+
+
+def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(monkeypatch):
+    """Early exit changes no bit, and skips nothing it must not: a block with one long-lived row among used-up ones
+    walks on, and the key-major kernel then also visits earlier blocks that stopped (it finds their sticks used up
+    there); a NaN key poisons every later query as without early exit (NaN in, NaN out, as PyTorch attention
+    does: a used-up stick times NaN is NaN), and so does a NaN output gradient every key gradient it reaches."""
+    T = 448
+    q, k, v, scale = make_inputs("random", 1, 2, 2, T, 16, 16, torch.float32, seed=13)
+    with torch.no_grad():
+        k[0, 0, 100] = float("nan")
+        # head 1: logits near +4 (sticks used up within tens of keys) but for row 420, near -10 against keys
+        # 0..419: its stick outlives everyone's, so the key-major kernel visits blocks whose walks stopped early
+        k[0, 1, :420, 0] = 4.0
+        q[0, 1, :, 0] = 4.0
+        q[0, 1, 420] = 0.0
+        q[0, 1, 420, 0] = -10.0
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(K, "EARLY_EXIT", on)
+        results[on] = _outputs_and_grads(q, k, v, scale, False)
+    for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), f"{name} changed with early exit"
+    o, rem = results[True][:2]
+    assert torch.isnan(o[0, 0, 101:]).all() and torch.isfinite(o[0, 0, :101]).all()
+    assert float(rem[0, 1, 420]) > 0.5, "row 420's stick should outlive everyone's"
+    assert bool((rem[0, 1, 64:] == 0).float().mean() > 0.9), "the other sticks should be used up"
+
+    # a NaN output gradient at row 400 reaches dv of every key it sees
+    q, k, v, scale = make_inputs("random", 1, 1, 1, T, 16, 16, torch.float32, seed=14)
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setattr(K, "EARLY_EXIT", on)
+        o, _ = stick_breaking_attention_triton(q, k, v, scale, False)
+        go = torch.zeros_like(o)
+        go[0, 0, 400] = float("nan")
+        v.grad = None
+        (o * go).sum().backward()
+        grads[on] = v.grad
+    assert torch.isnan(grads[True][0, 0, :400]).all()
+    assert torch.equal(grads[False].nan_to_num(7.0), grads[True].nan_to_num(7.0))
 
 
 def test_nan_in_nan_out():
