@@ -199,9 +199,10 @@ def _query_block(CU, T, H, N_SEQ, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, B
 # log2(1 - beta) over the keys walked) is below EXHAUSTED, since 2^-160 is under float32's smallest number: every
 # weight of a key farther left, and the remainder, round to 0 whether those keys are visited or not. With
 # EARLY_EXIT the forward walks EXIT_SEGMENT key blocks past the diagonal, stops there if that holds, and records
-# the first key it walked (LO); the backward's walks go exactly as far (their loop bounds come from LO, see
-# _exit_bounds). NaN in, NaN out: a used-up stick times a NaN is still NaN, so a head whose inputs are not all
-# finite walks everything.
+# the first key it walked (LO); the key-major backward skips the query blocks whose walks stopped right of its
+# key block (loop bounds from LO, see _exit_bounds). The query-major backward walks everything: its early-exit
+# form ran 16-21% slower per tile compiled (benchmarks/README.md). NaN in, NaN out: a used-up stick times a NaN is
+# still NaN, so a head whose inputs are not all finite walks everything.
 EXHAUSTED = -160.0
 
 
@@ -355,13 +356,12 @@ def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, LO, CU, SC, scale, T, CHUNK, N_CHUNKS,
+def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, CHUNK, N_CHUNKS,
                    s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                    s_dob, s_doh, s_dot, s_dod,
                    H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                    VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr,
-                   EARLY_EXIT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # the operands' scales (see _operand_scales): logits, gradients, dz, and dq at the end
@@ -378,7 +378,6 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, LO, CU, SC, scale,
     REM += (i_b * H + i_h) * T
     DREM += (i_b * H + i_h) * T
     DELTA += (i_b * H + i_h) * T
-    LO += (i_b * H + i_h) * T
     TW += (i_b * H + i_h) * N_CHUNKS * T
     TR += (i_b * H + i_h) * N_CHUNKS * T
 
@@ -402,19 +401,8 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, LO, CU, SC, scale,
                                     s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_hi, 0, nb_hi - nb_full, qk_scale,
                                     log2_dz_scale, T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION,
                                     SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
-    if EARLY_EXIT:
-        # as far back as the forward walked for this block (LO: one value per forward block, which holds this
-        # block whole); the keys beyond add exact zeros
-        lo = tl.load(LO + m0, mask=m0 < seq_end, other=seq_end)
-        it_stop = tl.maximum(tl.minimum(nb_full - (lo - seq_start) // BLOCK_N, nb_full), 0)
-        # ... unless this head's inputs or gradients are not all finite (NaN in, NaN out)
-        it_stop = tl.where(tl.load(SC + 7) != 0, nb_full, it_stop)
-    else:
-        it_stop = nb_full
-    # chunk boundaries the walk does not reach keep the table's -inf: there the key-major kernel finds these rows'
-    # sticks used up (see _carry_tables)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, 0, it_stop, qk_scale,
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, 0, nb_full, qk_scale,
                                     log2_dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
                                     PRECISION, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     # delta_i = sum_j dl_ij, the float32 sum of the very dl both kernels recompute, stored with g added: the
@@ -618,7 +606,7 @@ def _common(q, k, v, cu_seqlens):
     precision = "tf32" if (q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     half = q.dtype != torch.float32
     return dict(B=B, H=H, T=T, D=D, DV=DV, group=group, n_seq=n_seq, max_len=max_len, cu=cu, block_d=block_d,
-                block_dv=block_dv, upcast=upcast, dtype=q.dtype, dot_dtype=dot_dtype, precision=precision,
+                block_dv=block_dv, device=q.device, upcast=upcast, dtype=q.dtype, dot_dtype=dot_dtype, precision=precision,
                 varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half and not F16_PRODUCTS)
 
 
@@ -644,20 +632,32 @@ def _scaled_f16(x, s):
     return torch.mul(x.detach(), s.to(x.dtype), out=x16)
 
 
-def _forward_table(c, k, v):
+def _walks_can_stop(c, lo):
+    """Whether early exit applies to this call: lo (from the forward) is kept and some walk is longer than the
+    forward's first segment. Shorter walks cannot stop early (and ptxas crashed compiling the early-exit forward
+    for T = 1, which Triton specializes as a constant)."""
+    bm, bn = _config("fwd", max(c["block_d"], c["block_dv"]), c["dtype"], c["device"])[:2]
+    return lo.numel() > 0 and c["max_len"] > bm + _exit_segment(c) * bn
+
+
+def _exit_segment(c):
+    return EXIT_SEGMENTS["interpret" if c["upcast"] else "gpu"]
+
+
+def _forward_table(c, k, v, exit_early):
     """The forward's v operand and a table (B, Hk, 2) per kv-head: [1 / the scale of v, the exit threshold].
 
     With F16_PRODUCTS a bfloat16 v goes in as a float16 copy (_scaled_f16) and o is scaled back; else v itself
     and 1. The threshold is EXHAUSTED, or -inf (never used up) where k or v holds a NaN or an infinity."""
     hk = v.shape[1]
-    amax_v = _group_amax(v, hk) if (c["f16"] and v.dtype == torch.bfloat16) or EARLY_EXIT else None
+    amax_v = _group_amax(v, hk) if (c["f16"] and v.dtype == torch.bfloat16) or exit_early else None
     if c["f16"] and v.dtype == torch.bfloat16:
         s = _pow2_scale(amax_v)
         v, inv = _scaled_f16(v, s), 1.0 / s
     else:
         inv = torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
     exhausted = torch.full_like(inv, EXHAUSTED)
-    if EARLY_EXIT:
+    if exit_early:
         finite = torch.isfinite(amax_v + _group_amax(k, hk))
         exhausted = torch.where(finite, exhausted, -float("inf"))
     return v, torch.stack([inv, exhausted], dim=-1)
@@ -705,18 +705,18 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens):
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    lo = torch.empty((B, H, T) if EARLY_EXIT else (0,), dtype=torch.int32, device=q.device)
     bm, bn, warps, stages, scan_l, _, extra = _config("fwd", max(c["block_d"], c["block_dv"]), q.dtype,
                                                       q.device)
+    lo = torch.empty((B, H, T) if EARLY_EXIT else (0,), dtype=torch.int32, device=q.device)
+    exit_early = _walks_can_stop(c, lo)
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
     if grid[1] > 0:
-        v_op, table = _forward_table(c, k, v)
+        v_op, table = _forward_table(c, k, v, exit_early)
         COMPILED["fwd"] = _fwd_kernel[grid](
-            q, k, v_op, o, rem, lo if EARLY_EXIT else rem, c["cu"], table, float(scale), T, *q.stride(),
+            q, k, v_op, o, rem, lo if exit_early else rem, c["cu"], table, float(scale), T, *q.stride(),
             *k.stride(), *v_op.stride(), *o.stride(), H=H, SCAN_L=scan_l, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=warps, num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"],
-            SPLIT_A=c["split_a"], EARLY_EXIT=EARLY_EXIT,
-            EXIT_SEGMENT=EXIT_SEGMENTS["interpret" if c["upcast"] else "gpu"], **extra,
+            SPLIT_A=c["split_a"], EARLY_EXIT=exit_early, EXIT_SEGMENT=_exit_segment(c), **extra,
             **_kernel_args(c, attend_current, c["dot_dtype"]))
     return o, rem, lo
 
@@ -732,7 +732,7 @@ def _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens):
     if c["max_len"] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     c["scale"] = scale
-    c["lo"] = lo if lo.numel() > 0 else None
+    c["lo"] = lo if _walks_can_stop(c, lo) else None
     drem = drem.to(torch.float32).contiguous()
     ops = _backward_operands(c, do, drem * rem, q, k, v)
     dq, delta_g, tw, tr, chunk = _backward_dq(c, ops, drem, rem, attend_current)
@@ -750,7 +750,12 @@ def _exit_bounds(lo, c, block_m, block_n):
     sequence's lo lie inside it), so one searchsorted per position counts the blocks that reach its key block."""
     B, H, T = lo.shape
     dev = lo.device
-    cu, seq, row = _sequence_positions(c, T, dev)
+    # without cu_seqlens one sequence [0, T), built on the device (a tensor made from host values would wait for
+    # the GPU); each position's sequence and its place in it
+    cu = c["cu"].to(torch.int32) if c["varlen"] else torch.arange(2, dtype=torch.int32, device=dev) * T
+    pos = torch.arange(T, dtype=torch.int32, device=dev)
+    seq = torch.searchsorted(cu[1:], pos, right=True)
+    row = pos - cu[seq]
     n_blocks = (cu[1:] - cu[:-1] + block_m - 1) // block_m
     first_block = torch.cumsum(n_blocks, 0, dtype=torch.int32) - n_blocks
     block = (first_block[seq] + row // block_m).long().expand(B, H, T)
@@ -758,7 +763,7 @@ def _exit_bounds(lo, c, block_m, block_n):
     reach = torch.full((B, H, T // block_m + cu.numel()), T, dtype=torch.int32, device=dev)
     reach.scatter_reduce_(2, block, lo, "amin")
     suf = reach.flip(2).cummin(2).values.flip(2).contiguous()
-    last = torch.minimum(cu[seq] + row + (block_n - 1), cu[seq + 1] - 1).expand(B, H, T).contiguous()
+    last = torch.minimum(pos + (block_n - 1), cu[seq + 1] - 1).expand(B, H, T).contiguous()
     return torch.searchsorted(suf, last, right=True).to(torch.int32) - first_block[seq]
 
 
@@ -775,50 +780,20 @@ def _backward_dq(c, ops, drem, rem, attend_current):
     dev = q.device
     chunk = chunk_size(c["max_len"], c["upcast"])
     n_chunks = max(1, triton.cdiv(c["max_len"], chunk))
-    tw, tr = _carry_tables(c, n_chunks, chunk, dev)
+    # (W, R) carries at the right end of each chunk, per query row; rows left of a boundary keep an empty carry
+    tw = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
+    tr = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
     delta_g = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     dq = torch.empty(B, H, T, c["D"], dtype=c["dtype"], device=dev)
     bm, bn, warps, stages, scan_l, scan_dl, extra = _config("dq", max(c["block_d"], c["block_dv"]), c["dtype"], dev)
     assert chunk % bm == 0 and chunk % bn == 0
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
-    exit_early = c["lo"] is not None
-    # under early exit each block reads the forward's LO at its first row: it must lie inside one forward block
-    assert _config("fwd", max(c["block_d"], c["block_dv"]), c["dtype"], dev)[0] % bm == 0
     COMPILED["dq"] = _bwd_dq_kernel[grid](
-        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["lo"] if exit_early else rem, c["cu"], table,
-        float(c["scale"]), T, chunk, n_chunks, *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H,
-        BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l, SCAN_DL=scan_dl, num_warps=warps, num_stages=stages,
-        EARLY_EXIT=exit_early, **extra,
+        q, k, v, do, rem, drem, dq, delta_g, tw, tr, c["cu"], table, float(c["scale"]), T, chunk, n_chunks,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), H=H, BLOCK_M=bm, BLOCK_N=bn, SCAN_L=scan_l,
+        SCAN_DL=scan_dl, num_warps=warps, num_stages=stages, **extra,
         **_kernel_args(c, attend_current, _TL_DTYPE[q.dtype]))
-    if exit_early:
-        # where a walk stopped short of a boundary, R is the whole sum of dl: C + g = delta + g - R there is g = 0
-        tr = torch.where(tw == -float("inf"), delta_g[:, :, None, :], tr)
     return dq, delta_g, tw, tr, chunk
-
-
-def _carry_tables(c, n_chunks, chunk, dev):
-    """The (W, R) tables (B, H, n_chunks, T) that the query-major kernel fills: the carries at the right end of each
-    chunk, per query row. Rows left of a boundary keep an empty carry (0, 0); under early exit the rows right of it
-    start at W = -inf, which a walk that stops short of the boundary leaves there: every weight the key-major
-    kernel computes for them past it is then exactly 0, as it would be with the walk's own W < EXHAUSTED."""
-    B, H, T = c["B"], c["H"], c["T"]
-    tr = torch.zeros(B, H, n_chunks, T, dtype=torch.float32, device=dev)
-    if c["lo"] is None:
-        return torch.zeros_like(tr), tr
-    _, _, row = _sequence_positions(c, T, dev)
-    ends = (torch.arange(n_chunks, dtype=torch.int32, device=dev)[:, None] + 1) * chunk
-    tw = torch.where(row >= ends, -float("inf"), 0.0).expand(B, H, n_chunks, T).contiguous()
-    return tw, tr
-
-
-def _sequence_positions(c, T, dev):
-    """(cu, seq, row): the sequence boundaries as int32 (one sequence [0, T) without cu_seqlens, built on the
-    device: a tensor made from host values would wait for the GPU), and for each of the T positions its sequence
-    and its position inside it."""
-    cu = c["cu"].to(torch.int32) if c["varlen"] else torch.arange(2, dtype=torch.int32, device=dev) * T
-    pos = torch.arange(T, dtype=torch.int32, device=dev)
-    seq = torch.searchsorted(cu[1:], pos, right=True)
-    return cu, seq, pos - cu[seq]
 
 
 def _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current):
