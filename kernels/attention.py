@@ -18,8 +18,8 @@ The story, in the order of this file (kernels/README.md has the derivations):
    for each, all later query blocks of every q-head of the GQA group, in [queries, keys] tiles with dk and dv
    accumulated transposed. The carries of the query rows come from the chunk's slice of the table, which this
    program alone reads and rewrites: no atomics, deterministic.
-5. Launchers (16-bit operands as float16 copies scaled by powers of two, so that every product of a computed tile
-   is one float16 product), ``torch.library.custom_op`` registration (forward, backward, fakes, autograd) and the
+5. Launchers (16-bit operands as float16 copies scaled by powers of two, made by a one-pass kernel, so that every
+   product of a computed tile is one float16 product), ``torch.library.custom_op`` registration (forward, backward, fakes, autograd) and the
    public function.
 
 Every kernel runs compiled on a GPU and under TRITON_INTERPRET=1 on the CPU, where bfloat16 arithmetic is not
@@ -623,13 +623,37 @@ def _pow2_scale(amax):
     return torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
 
 
+@triton.jit
+def _scaled_f16_kernel(X, S, Y, T, s_xb, s_xh, s_xt, s_xd, H, GROUP, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Y = X * S as float16, one [BLOCK_T, D] tile of one head per program; S per (batch, kv-head)."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    b_s = tl.load(S + i_b * (H // GROUP) + i_h // GROUP)
+    o_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_d = tl.arange(0, BLOCK_D)
+    m = (o_t[:, None] < T) & (o_d[None, :] < D)
+    b_x = tl.load(X + i_b * s_xb + i_h * s_xh + o_t[:, None] * s_xt + o_d[None, :] * s_xd, mask=m, other=0.0)
+    b_y = b_x.to(tl.float32) * b_s
+    tl.store(Y + (i_bh * T + o_t[:, None]) * D + o_d[None, :], b_y.to(tl.float16), mask=m)
+
+
 def _scaled_f16(x, s):
-    """x * s as float16 for a bfloat16 x and s (B, Hk) from _pow2_scale: bfloat16 values keep every bit (only values
-    2^28 times smaller than the largest reach float16's subnormals, where they keep an absolute accuracy of 2^-39
-    of it). One pass: the product of two bfloat16 values is exact (s is a power of two), written as float16."""
-    x16 = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    s = s.repeat_interleave(x.shape[1] // s.shape[1], 1)[:, :, None, None]
-    return torch.mul(x.detach(), s.to(x.dtype), out=x16)
+    """x * s as float16 for a bfloat16 x (B, heads, T, d) and s (B, Hk) from _pow2_scale: bfloat16 values keep every
+    bit (only values 2^28 times smaller than the largest reach float16's subnormals, where they keep an absolute
+    accuracy of 2^-39 of it). One pass of a small kernel, any strides in: x * s is exact in float32 (s is a power
+    of two), then rounded once to float16. (PyTorch's mul with a float16 `out` took the generic, unvectorized path:
+    about 100 us for a (4, 12, 4096, 128) tensor on an H100, five times per forward+backward.)"""
+    B, H, T, d = x.shape
+    y = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    block_d = triton.next_power_of_2(d)
+    block_t = max(1, 8192 // block_d)
+    grid = (B * H, triton.cdiv(T, block_t))
+    if grid[1] > 0 and B * H > 0:
+        _scaled_f16_kernel[grid](x.detach(), s.contiguous(), y, T, *x.stride(), H, H // s.shape[1], D=d,
+                                 BLOCK_T=block_t, BLOCK_D=block_d)
+    return y
 
 
 def _walks_can_stop(c, lo):

@@ -110,7 +110,7 @@ def test_float16_copies_keep_every_bfloat16_bit():
     # the q-heads of a GQA group (here 2 per kv-head) share one scale
     g = torch.Generator().manual_seed(4)
     spread = torch.exp2(torch.randint(-16, 16, (2, 4, 64, 32), generator=g).float())
-    x = (torch.randn(2, 4, 64, 32, generator=g) * spread).to(torch.bfloat16)
+    x = (torch.randn(2, 4, 64, 32, generator=g) * spread).to(torch.bfloat16).to(DEVICE)
     s = K._pow2_scale(K._group_amax(x, 2))
     assert s.shape == (2, 2) and torch.all(torch.log2(s) == torch.round(torch.log2(s)))
     back = K._scaled_f16(x, s).double() / s.double().repeat_interleave(2, 1)[:, :, None, None]
@@ -119,6 +119,8 @@ def test_float16_copies_keep_every_bfloat16_bit():
     assert 0.5 < normal.float().mean() < 1  # most values, and some below float16's normal range
     assert torch.equal(back[normal], x.double()[normal])
     assert ((back - x.double()).abs() <= amax * 2.0 ** -37).all()
+    # any strides in, the same copy out
+    assert torch.equal(K._scaled_f16(x.transpose(2, 3).contiguous().transpose(2, 3), s), K._scaled_f16(x, s))
 
 
 @pytest.mark.parametrize("regime", ["random", "saturated"])
