@@ -327,7 +327,8 @@ def main():
         md += ["", f"## Variable length (bf16, causal, {args.regime} regime)", "",
                "The same work per token in both rows; the ratio is the packed batch's throughput over the "
                "equal-length one's.", "",
-               "| batch | (B, H, T, D) | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|"]
+               "| batch | (B, H, T, D) | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
+               "|---|---|---|---|---|---|"]
         for name, shape, t_f, t_fb, flops in var:
             md.append(f"| {name} | {shape} | {t_f:.3f} | {flops / t_f * 1e-9:.1f} | {t_fb:.3f} | "
                       f"{3.5 * flops / t_fb * 1e-9:.1f} |")

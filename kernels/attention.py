@@ -19,8 +19,8 @@ The story, in the order of this file (kernels/README.md has the derivations):
    accumulated transposed. The carries of the query rows come from the chunk's slice of the table, which this
    program alone reads and rewrites: no atomics, deterministic.
 5. Launchers (16-bit operands as float16 copies scaled by powers of two, made by a one-pass kernel, so that every
-   product of a computed tile is one float16 product), ``torch.library.custom_op`` registration (forward, backward, fakes, autograd) and the
-   public function.
+   product of a computed tile is one float16 product), ``torch.library.custom_op`` registration (forward, backward,
+   fakes, autograd) and the public function.
 
 Every kernel runs compiled on a GPU and under TRITON_INTERPRET=1 on the CPU, where bfloat16 arithmetic is not
 trustworthy: there every tile is upcast to float32 right after its load (and tiles fed to a dot are rounded to
@@ -308,13 +308,13 @@ def _fwd_kernel(Q, K, V, O, REM, LO, CU, SC, scale, T,
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd, s_vt, s_vd, o_m, m_m,
-              seq_start, seq_end, nb_hi, it_lo, it_hi, qk_scale, log2_dz_scale, T, CHUNK,
+              seq_start, seq_end, nb_lo, nb_hi, qk_scale, log2_dz_scale, T, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
               SCAN_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for it in range(it_lo, it_hi):
+    for it in range(nb_hi - nb_lo):
         nb = nb_hi - 1 - it
         o_n = seq_start + nb * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < seq_end
@@ -398,13 +398,13 @@ def _bwd_dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, 
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_hi, 0, nb_hi - nb_full, qk_scale,
-                                    log2_dz_scale, T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION,
-                                    SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, nb_hi, qk_scale, log2_dz_scale,
+                                    T, CHUNK, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
+                                    SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     b_dq, b_x, b_w, b_r = _dq_inner(b_dq, b_x, b_w, b_r, TRI_L, TRI_C, b_q, b_do, b_g, K, V, TW, TR, s_kt, s_kd,
-                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, nb_full, 0, nb_full, qk_scale,
-                                    log2_dz_scale, T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
-                                    PRECISION, SCAN_L, SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    s_vt, s_vd, o_m, m_m, seq_start, seq_end, 0, nb_full, qk_scale, log2_dz_scale,
+                                    T, CHUNK, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, PRECISION, SCAN_L,
+                                    SCAN_DL, BLOCK_N, BLOCK_D, BLOCK_DV)
     # delta_i = sum_j dl_ij, the float32 sum of the very dl both kernels recompute, stored with g added: the
     # key-major kernel's C_ik + g_i starts from it
     tl.store(DELTA + o_m, b_r + b_g, mask=m_m)
@@ -606,8 +606,8 @@ def _common(q, k, v, cu_seqlens):
     precision = "tf32" if (q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     half = q.dtype != torch.float32
     return dict(B=B, H=H, T=T, D=D, DV=DV, group=group, n_seq=n_seq, max_len=max_len, cu=cu, block_d=block_d,
-                block_dv=block_dv, device=q.device, upcast=upcast, dtype=q.dtype, dot_dtype=dot_dtype, precision=precision,
-                varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half and not F16_PRODUCTS)
+                block_dv=block_dv, device=q.device, upcast=upcast, dtype=q.dtype, dot_dtype=dot_dtype,
+                precision=precision, varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half and not F16_PRODUCTS)
 
 
 def _group_amax(x, hk):
