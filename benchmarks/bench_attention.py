@@ -81,8 +81,9 @@ def sb_fwd(q, k, v, early_exit=None):
     return f
 
 
-def sb_varlen_fwd(q, k, v, cu):
-    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False, cu)[0]
+def sb_varlen_fwd(q, k, v, cu, max_seqlen=None):
+    """Without max_seqlen the op reads it from cu_seqlens: one wait for the GPU in the forward."""
+    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False, cu, max_seqlen)[0]
 
 
 def sdpa_fwd(q, k, v, backend):
@@ -129,15 +130,15 @@ def _problem(D):
     B, H = (4, 12) if D == 128 else (8, 16)
     q, k, v = inputs(B, H, KERNEL_T, D)
     scale = D ** -0.5
-    o, rem, lo = K._forward(q, k, v, scale, False, None)
+    o, rem, lo = K._forward(q, k, v, scale, False, None, KERNEL_T)
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
-    c = dict(K._common(q, k, v, None), scale=scale, lo=None)
+    c = dict(K._common(q, k, v, None, KERNEL_T), scale=scale, lo=None)
     c["lo"] = lo if K._walks_can_stop(c, lo) else None
     ops = K._backward_operands(c, do, drem * rem, q, k, v)
     dq, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, False)
     # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
-    return {"fwd": lambda: K._forward(q, k, v, scale, False, None),
+    return {"fwd": lambda: K._forward(q, k, v, scale, False, None, KERNEL_T),
             "dq": lambda: K._backward_dq(c, ops, drem, rem, False),
             "dkdv": lambda: K._backward_dkdv(c, ops, delta_g, tw, tr, chunk, False),
             "op": sb_fwd(q, k, v)}
@@ -218,9 +219,10 @@ def varlen_rows(regime, H=12, D=128, tokens=65536, seed=0):
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
     rows = []
     q, k, v = inputs(1, H, tokens, D, regime=regime)
-    t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu))
-    rows.append((f"{len(lengths)} sequences, {min(lengths)}..{max(lengths)} tokens (cu_seqlens)", (1, H, tokens, D),
-                 t_f, t_fb, 2 * H * work * D))
+    name = f"{len(lengths)} sequences, {min(lengths)}..{max(lengths)} tokens"
+    for max_seqlen, how in ((max(lengths), "max_seqlen given"), (None, "max_seqlen read from cu_seqlens")):
+        t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu, max_seqlen))
+        rows.append((f"{name} ({how})", (1, H, tokens, D), t_f, t_fb, 2 * H * work * D))
     del q, k, v
     B = max(1, tokens // L)
     q, k, v = inputs(B, H, L, D, regime=regime)

@@ -589,16 +589,14 @@ def _config(kernel, block_d, dtype, device):
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _common(q, k, v, cu_seqlens):
+def _common(q, k, v, cu_seqlens, max_len):
     B, H, T, D = q.shape
     DV = v.shape[-1]
     group = H // k.shape[1]
     if cu_seqlens is None:
-        n_seq, max_len, cu = 1, T, q  # cu is unused without VARLEN
+        n_seq, cu = 1, q  # cu is unused without VARLEN
     else:
-        n_seq = cu_seqlens.numel() - 1
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n_seq > 0 else 0  # one sync
-        cu = cu_seqlens
+        n_seq, cu = cu_seqlens.numel() - 1, cu_seqlens
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(DV))
     upcast = INTERPRET or q.device.type != "cuda"
@@ -616,11 +614,14 @@ def _group_amax(x, hk):
     return torch.linalg.vector_norm(x, ord=float("inf"), dim=tuple(range(2, x.dim())), dtype=torch.float32)
 
 
+@triton.jit
 def _pow2_scale(amax):
-    """A power of two per entry that puts amax in [2^13, 2^14); 1 where amax is 0, inf or NaN (those propagate as
-    they would anyway)."""
-    ok = (amax > 0) & torch.isfinite(amax)
-    return torch.exp2(torch.where(ok, 13.0 - torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0))
+    """A power of two that puts amax (>= 0) in [2^13, 2^14), at most 2^127; 1 where amax is 0, inf or NaN (those
+    propagate as they would anyway). Exact: the exponent comes from amax's bits."""
+    ok = (amax > 0) & (amax < float("inf"))
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.where(ok, tl.minimum(13 - e, 127), 0)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -668,64 +669,120 @@ def _exit_segment(c):
     return EXIT_SEGMENTS["interpret" if c["upcast"] else "gpu"]
 
 
+@triton.jit
+def _forward_table_kernel(AMAX_V, AMAX_K, S, TABLE, N, exhausted, COPY: tl.constexpr, EXIT: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """Per (batch, kv-head): S, the scale of v's float16 copy (COPY), and TABLE [1 / S, the exit threshold]."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_inv = tl.full([BLOCK], 1.0, dtype=tl.float32)
+    if COPY:
+        b_s = _pow2_scale(tl.load(AMAX_V + o, mask=m, other=0.0))
+        tl.store(S + o, b_s, mask=m)
+        b_inv = 1.0 / b_s
+    b_thr = tl.full([BLOCK], exhausted, dtype=tl.float32)
+    if EXIT:
+        # NaN or inf in k or v: never used up
+        b_amax = tl.load(AMAX_V + o, mask=m, other=0.0) + tl.load(AMAX_K + o, mask=m, other=0.0)
+        b_thr = tl.where(b_amax < float("inf"), b_thr, -float("inf"))
+    tl.store(TABLE + 2 * o, b_inv, mask=m)
+    tl.store(TABLE + 2 * o + 1, b_thr, mask=m)
+
+
 def _forward_table(c, k, v, exit_early):
     """The forward's v operand and a table (B, Hk, 2) per kv-head: [1 / the scale of v, the exit threshold].
 
     With F16_PRODUCTS a bfloat16 v goes in as a float16 copy (_scaled_f16) and o is scaled back; else v itself
     and 1. The threshold is EXHAUSTED, or -inf (never used up) where k or v holds a NaN or an infinity."""
-    hk = v.shape[1]
-    amax_v = _group_amax(v, hk) if (c["f16"] and v.dtype == torch.bfloat16) or exit_early else None
-    if c["f16"] and v.dtype == torch.bfloat16:
-        s = _pow2_scale(amax_v)
-        v, inv = _scaled_f16(v, s), 1.0 / s
+    B, hk = v.shape[:2]
+    copy = c["f16"] and v.dtype == torch.bfloat16
+    amax_v = _group_amax(v, hk) if copy or exit_early else None
+    amax_k = _group_amax(k, hk) if exit_early else None
+    s = torch.empty(B, hk, dtype=torch.float32, device=v.device) if copy else None
+    table = torch.empty(B, hk, 2, dtype=torch.float32, device=v.device)
+    # unused pointers get the table (a kernel takes tensors where a launch may leave them out)
+    _forward_table_kernel[(triton.cdiv(B * hk, 128),)](table if amax_v is None else amax_v,
+                                                       table if amax_k is None else amax_k,
+                                                       table if s is None else s, table, B * hk, EXHAUSTED,
+                                                       COPY=copy, EXIT=exit_early, BLOCK=128)
+    return (_scaled_f16(v, s) if copy else v), table
+
+
+@triton.jit
+def _backward_table_kernel(AMAX, S, TABLE, N, scale, DV, COPY: tl.constexpr, DZ: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """Per (batch, kv-head), from AMAX (5, N) of q, k, v, dO, g: S (4, N), the scales of the float16 copies of
+    q, k, v, dO (COPY), and the backward's TABLE (N, 8) (see _backward_operands), in float64 until the store."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_aq = tl.load(AMAX + o, mask=m, other=0.0)
+    b_ak = tl.load(AMAX + N + o, mask=m, other=0.0)
+    b_av = tl.load(AMAX + 2 * N + o, mask=m, other=0.0)
+    b_ado = tl.load(AMAX + 3 * N + o, mask=m, other=0.0)
+    b_ag = tl.load(AMAX + 4 * N + o, mask=m, other=0.0)
+    if COPY:
+        b_sq, b_sk, b_sv, b_sdo = _pow2_scale(b_aq), _pow2_scale(b_ak), _pow2_scale(b_av), _pow2_scale(b_ado)
+        tl.store(S + o, b_sq, mask=m)
+        tl.store(S + N + o, b_sk, mask=m)
+        tl.store(S + 2 * N + o, b_sv, mask=m)
+        tl.store(S + 3 * N + o, b_sdo, mask=m)
     else:
-        inv = torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
-    exhausted = torch.full_like(inv, EXHAUSTED)
-    if exit_early:
-        finite = torch.isfinite(amax_v + _group_amax(k, hk))
-        exhausted = torch.where(finite, exhausted, -float("inf"))
-    return v, torch.stack([inv, exhausted], dim=-1)
+        b_sq = tl.full([BLOCK], 1.0, dtype=tl.float32)
+        b_sk, b_sv, b_sdo = b_sq, b_sq, b_sq
+    b_sq, b_sk, b_sv, b_sdo = b_sq.to(tl.float64), b_sk.to(tl.float64), b_sv.to(tl.float64), b_sdo.to(tl.float64)
+    b_grad = b_sdo * b_sv
+    if DZ:
+        # dz_scale = 2^e, e = floor(15 - log2(bound)) = 15 - ceil(log2(bound)), from the bits of bound
+        b_bound = (2.0 * DV) * b_ado.to(tl.float64) * b_av.to(tl.float64) * b_grad + b_ag.to(tl.float64) * b_grad
+        ok = (b_bound > 0) & (b_bound < float("inf"))
+        b_bits = tl.where(ok, b_bound, 1.0).to(tl.int64, bitcast=True)
+        b_e = 15 - (((b_bits >> 52) & 0x7FF) - 1023) - ((b_bits & 0xFFFFFFFFFFFFF) != 0).to(tl.int64)
+        b_e = tl.where(ok, tl.minimum(tl.maximum(b_e, -100), 100), 0)
+    else:
+        b_e = tl.zeros([BLOCK], dtype=tl.int64)
+    b_dz = ((b_e + 1023) << 52).to(tl.float64, bitcast=True)
+    b_gdz = b_grad * b_dz
+    # 1 where an input or a gradient is not finite, which turns early exit off (NaN in, NaN out)
+    finite = (b_aq < float("inf")) & (b_ak < float("inf")) & (b_av < float("inf")) & (b_ado < float("inf"))
+    b_walk_all = tl.where(finite & (b_ag < float("inf")), 0.0, 1.0)
+    scale64 = tl.full([BLOCK], scale, dtype=tl.float64)
+    p = TABLE + 8 * o
+    tl.store(p, (1.0 / (b_sq * b_sk)).to(tl.float32), mask=m)
+    tl.store(p + 1, b_gdz.to(tl.float32), mask=m)
+    tl.store(p + 2, b_dz.to(tl.float32), mask=m)
+    tl.store(p + 3, (scale64 / (b_gdz * b_sk)).to(tl.float32), mask=m)
+    tl.store(p + 4, (scale64 / (b_gdz * b_sq)).to(tl.float32), mask=m)
+    tl.store(p + 5, (1.0 / b_sdo).to(tl.float32), mask=m)
+    tl.store(p + 6, b_e.to(tl.float32), mask=m)
+    tl.store(p + 7, b_walk_all, mask=m)
 
 
 def _backward_operands(c, do, g, q, k, v):
     """The backward's operands (float16 copies of bfloat16 ones, else the inputs) and a table (B, Hk, 8) of the
     scales the kernels fold in: [1 / (s_q s_k) for the logits, G dz_scale for g, dz_scale, the factors that turn
-    the accumulators into dq, dk, dv, log2(dz_scale)].
+    the accumulators into dq, dk, dv, log2(dz_scale), 1 where an input or gradient is not finite].
 
     With G = s_dO s_v the product of the copies gives G dO.v; the kernels multiply dl by dz_scale, a power of two
     such that G dz_scale |dl|, |C + g| and |dz| stay below 2^15 however the head's numbers fall (dl, C and dz go to
     float16 products): |dz| <= |dl| + |C + g| <= 2 max|dO . v| + max|g|, max|dO . v| <= Dv max|dO| max|v|."""
-    hk = k.shape[1]
+    B, hk = k.shape[:2]
     # the largest magnitudes of q, k, v, dO and g per (batch, kv-head) in one (5, B, Hk) tensor
     amax = torch.stack([_group_amax(x, hk) for x in (q, k, v, do, g)])
-    if q.dtype == torch.bfloat16:
-        s = _pow2_scale(amax[:4])
+    copy = q.dtype == torch.bfloat16
+    s = torch.empty(4, B, hk, dtype=torch.float32, device=q.device) if copy else None
+    table = torch.empty(B, hk, 8, dtype=torch.float32, device=q.device)
+    _backward_table_kernel[(triton.cdiv(B * hk, 128),)](amax, table if s is None else s, table, B * hk,
+                                                        float(c["scale"]), c["DV"],
+                                                        COPY=copy, DZ=q.dtype != torch.float32, BLOCK=128)
+    if copy:
         q, k, v, do = (_scaled_f16(x, s[i]) for i, x in enumerate((q, k, v, do)))
-    else:
-        s = torch.ones_like(amax[:4])
-    s = s.double()
-    s_q, s_k, s_v, s_do = s
-    grad = s_do * s_v
-    if q.dtype == torch.float32:
-        dz_scale = torch.ones_like(grad)
-    else:
-        bound = (2 * c["DV"]) * amax[3].double() * amax[2].double() * grad + amax[4].double() * grad
-        ok = (bound > 0) & torch.isfinite(bound)
-        dz_scale = torch.exp2(torch.where(ok, 15.0 - torch.log2(torch.where(ok, bound, 1.0)), 0.0).floor()
-                              .clamp(-100, 100))
-    gdz = grad * dz_scale
-    scale = c["scale"]
-    # the last entry: 1 where an input or a gradient is not finite, which turns early exit off (NaN in, NaN out)
-    walk_all = (~torch.isfinite(amax).all(0)).double()
-    table = torch.stack([1.0 / (s_q * s_k), gdz, dz_scale, scale / (gdz * s_k), scale / (gdz * s_q), 1.0 / s_do,
-                         torch.log2(dz_scale), walk_all], dim=-1)
-    return do, q, k, v, table.float()
+    return do, q, k, v, table
 
 
-def _forward(q, k, v, scale, attend_current, cu_seqlens):
+def _forward(q, k, v, scale, attend_current, cu_seqlens, max_len):
     """(o, rem, lo): with EARLY_EXIT, lo (B, H, T) int32 holds the first key each row's block walked, for the
     backward; without it lo is empty and the backward walks everything."""
-    c = _common(q, k, v, cu_seqlens)
+    c = _common(q, k, v, cu_seqlens, max_len)
     B, H, T = c["B"], c["H"], c["T"]
     o = torch.empty(B, H, T, c["DV"], dtype=q.dtype, device=q.device)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -751,8 +808,8 @@ def chunk_size(max_len, interpret):
     return max(smallest, triton.next_power_of_2(triton.cdiv(max(max_len, 1), MAX_CHUNKS)))
 
 
-def _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens):
-    c = _common(q, k, v, cu_seqlens)
+def _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens, max_len):
+    c = _common(q, k, v, cu_seqlens, max_len)
     if c["max_len"] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     c["scale"] = scale
@@ -764,31 +821,62 @@ def _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens):
     return dq, dk, dv
 
 
-def _exit_bounds(lo, c, block_m, block_n):
-    """For the key-major kernel under early exit: at each key position p, how many query blocks of p's sequence
-    (from its first) reach back to the key block that starts at p; the rows of all later blocks stopped their
-    walks (lo, from the forward) right of it.
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
 
-    A block's rows reach back to the smallest lo among them, the blocks from m on to suf[m], the smallest of those
-    from m on, which grows with m. Laid out sequence after sequence, suf grows along the whole packed row (a
-    sequence's lo lie inside it), so one searchsorted per position counts the blocks that reach its key block."""
+
+@triton.jit
+def _exit_bounds_kernel(LO, CU, SUF, MB_STOP, T, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, TILE: tl.constexpr):
+    """For the key-major kernel under early exit, per (batch, head) row and sequence: at the start n0 of each key
+    block, how many query blocks of the sequence (from its first) reach back to that block; the rows of every
+    later block stopped their walks (LO, from the forward) right of it.
+
+    A query block's rows reach back to the smallest LO among them, the blocks from m on to suf[m], the smallest of
+    those from m on. suf grows with m, so the blocks that reach key block j are the first ones, as many as have
+    suf[m] <= the block's last key."""
+    i_bh = tl.program_id(0)
+    seq_start, seq_end = _seq_bounds(CU, tl.program_id(1), T, VARLEN)
+    LO += i_bh * T
+    SUF += i_bh * T
+    MB_STOP += i_bh * T
+    n_mb = tl.cdiv(seq_end - seq_start, BLOCK_M)
+    n_kb = tl.cdiv(seq_end - seq_start, BLOCK_N)
+    n_tiles = tl.cdiv(n_mb, TILE)
+    o_t = tl.arange(0, TILE)
+    o_r = tl.arange(0, BLOCK_M)
+    # suf, right to left a tile of query blocks at a time, kept at each block's first row
+    b_min = seq_end
+    for it in range(n_tiles):
+        o_b = (n_tiles - 1 - it) * TILE + o_t
+        o_row = seq_start + o_b[:, None] * BLOCK_M + o_r[None, :]
+        b_lo = tl.load(LO + o_row, mask=(o_b[:, None] < n_mb) & (o_row < seq_end), other=seq_end)
+        b_blo = tl.min(b_lo, axis=1)
+        b_suf = tl.minimum(tl.associative_scan(b_blo, 0, _min, reverse=True), b_min)
+        tl.store(SUF + seq_start + o_b * BLOCK_M, b_suf, mask=o_b < n_mb)
+        b_min = tl.minimum(b_min, tl.min(b_blo, axis=0))
+    # the stores above are read back by other threads
+    tl.debug_barrier()
+    for jt in range(tl.cdiv(n_kb, TILE)):
+        o_j = jt * TILE + o_t
+        b_last = tl.minimum(seq_start + (o_j + 1) * BLOCK_N, seq_end) - 1
+        b_count = tl.zeros([TILE], dtype=tl.int32)
+        for it in range(n_tiles):
+            o_b = it * TILE + o_t
+            b_suf = tl.load(SUF + seq_start + o_b * BLOCK_M, mask=o_b < n_mb, other=seq_end)
+            b_count += tl.sum((b_suf[None, :] <= b_last[:, None]).to(tl.int32), axis=1)
+        tl.store(MB_STOP + seq_start + o_j * BLOCK_N, b_count, mask=o_j < n_kb)
+
+
+def _exit_bounds(lo, c, block_m, block_n):
+    """MB_STOP (B, H, T) int32 for the key-major kernel, set at each key block's first key (_exit_bounds_kernel)."""
     B, H, T = lo.shape
-    dev = lo.device
-    # without cu_seqlens one sequence [0, T), built on the device (a tensor made from host values would wait for
-    # the GPU); each position's sequence and its place in it
-    cu = c["cu"].to(torch.int32) if c["varlen"] else torch.arange(2, dtype=torch.int32, device=dev) * T
-    pos = torch.arange(T, dtype=torch.int32, device=dev)
-    seq = torch.searchsorted(cu[1:], pos, right=True)
-    row = pos - cu[seq]
-    n_blocks = (cu[1:] - cu[:-1] + block_m - 1) // block_m
-    first_block = torch.cumsum(n_blocks, 0, dtype=torch.int32) - n_blocks
-    block = (first_block[seq] + row // block_m).long().expand(B, H, T)
-    # at most T / block_m blocks and a partial one per sequence; unused entries keep T, right of every key
-    reach = torch.full((B, H, T // block_m + cu.numel()), T, dtype=torch.int32, device=dev)
-    reach.scatter_reduce_(2, block, lo, "amin")
-    suf = reach.flip(2).cummin(2).values.flip(2).contiguous()
-    last = torch.minimum(pos + (block_n - 1), cu[seq + 1] - 1).expand(B, H, T).contiguous()
-    return torch.searchsorted(suf, last, right=True).to(torch.int32) - first_block[seq]
+    suf = torch.empty_like(lo)
+    mb_stop = torch.empty_like(lo)
+    _exit_bounds_kernel[(B * H, c["n_seq"])](lo, c["cu"], suf, mb_stop, T, VARLEN=c["varlen"], BLOCK_M=block_m,
+                                            BLOCK_N=block_n, TILE=64)
+    return mb_stop
 
 
 def _kernel_args(c, attend_current, dot_dtype):
@@ -844,12 +932,12 @@ def _backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current):
 
 @torch.library.custom_op("sb_ref::stick_breaking_triton_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attend_current: bool,
-            cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, scale, attend_current, cu_seqlens)
+            cu_seqlens: Optional[torch.Tensor], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, attend_current, cu_seqlens, max_len)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, scale, attend_current, cu_seqlens):
+def _(q, k, v, scale, attend_current, cu_seqlens, max_len):
     B, H, T, _ = q.shape
     lo = q.new_empty((B, H, T) if EARLY_EXIT else (0,), dtype=torch.int32)
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32), lo
@@ -858,17 +946,17 @@ def _(q, k, v, scale, attend_current, cu_seqlens):
 @torch.library.custom_op("sb_ref::stick_breaking_triton_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, drem: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             rem: torch.Tensor, lo: torch.Tensor, scale: float, attend_current: bool,
-            cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens)
+            cu_seqlens: Optional[torch.Tensor], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens, max_len)
 
 
 @_bwd_op.register_fake
-def _(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens):
+def _(do, drem, q, k, v, rem, lo, scale, attend_current, cu_seqlens, max_len):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, attend_current, cu_seqlens = inputs
+    q, k, v, scale, attend_current, cu_seqlens, max_len = inputs
     _, rem, lo = output
     # the backward recomputes everything from q, k, v, one float32 per row (the remainder, for g = dRem * rem) and
     # under early exit one int32 per row (how far the forward walked)
@@ -876,6 +964,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lo)
     ctx.scale = scale
     ctx.attend_current = attend_current
+    ctx.max_len = max_len
 
 
 def _autograd_backward(ctx, do, drem, _):
@@ -884,19 +973,25 @@ def _autograd_backward(ctx, do, drem, _):
         do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     if drem is None:
         drem = torch.zeros_like(rem)
-    dq, dk, dv = _bwd_op(do, drem, q, k, v, rem, lo, ctx.scale, ctx.attend_current, cu_seqlens)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _bwd_op(do, drem, q, k, v, rem, lo, ctx.scale, ctx.attend_current, cu_seqlens, ctx.max_len)
+    return dq, dk, dv, None, None, None, None
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def stick_breaking_attention_triton(q, k, v, scale: float, attend_current: bool, cu_seqlens=None):
+def stick_breaking_attention_triton(q, k, v, scale: float, attend_current: bool, cu_seqlens=None,
+                                    max_seqlen=None):
     """(o, rem) of stick-breaking attention through the Triton kernels; inputs are validated by sb_ref.
 
     q (B, Hq, T, D), k (B, Hk, T, D), v (B, Hk, T, Dv) in one of float16/bfloat16/float32; cu_seqlens None or
-    (N+1,) int offsets with B == 1. Returns o (B, Hq, T, Dv) in q.dtype and rem (B, Hq, T) float32, both
-    differentiable in q, k and v. Backward is deterministic (no atomics).
+    (N+1,) int offsets with B == 1, and max_seqlen the longest of its sequences (read from cu_seqlens, one wait
+    for the GPU, when not given; pass it when it is known on the host). Returns o (B, Hq, T, Dv) in q.dtype and
+    rem (B, Hq, T) float32, both differentiable in q, k and v. Backward is deterministic (no atomics).
     """
-    o, rem, _ = _fwd_op(q, k, v, float(scale), bool(attend_current), cu_seqlens)
+    if cu_seqlens is None:
+        max_seqlen = q.shape[2]
+    elif max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    o, rem, _ = _fwd_op(q, k, v, float(scale), bool(attend_current), cu_seqlens, int(max_seqlen))
     return o, rem

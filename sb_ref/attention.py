@@ -155,7 +155,8 @@ def stick_breaking_attention(q, k, v, *, scale=None, attend_current=False, cu_se
         o = q.new_zeros(B, Hq, 0, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
         rem = torch.zeros(B, Hq, 0, dtype=rem_dtype, device=q.device)
     elif _choose_backend(backend, q) == "triton":
-        o, rem = _triton_op()(q, k, v, scale, attend_current, cu_seqlens)
+        max_seqlen = T if bounds is None else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        o, rem = _triton_op()(q, k, v, scale, attend_current, cu_seqlens, max_seqlen)
     else:
         o, rem = StickBreakingFunction.apply(q, k, v, scale, attend_current, bounds, DEFAULT_BLOCK)
     return (o, rem) if return_remainder else o

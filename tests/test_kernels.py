@@ -105,13 +105,40 @@ def test_bfloat16_far_outside_float16_range(v_scale, grad_scale):
     run_and_check(q, k, v, scale, False, grad_scale=grad_scale, label=f"v x {v_scale}, dO x {grad_scale}")
 
 
+@triton.jit
+def _pow2_scale_kernel(AMAX, S, N, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(S + o, K._pow2_scale(tl.load(AMAX + o, mask=o < N, other=0.0)), mask=o < N)
+
+
+def _pow2_scales(amax):
+    s = torch.empty_like(amax)
+    _pow2_scale_kernel[(triton.cdiv(amax.numel(), 256),)](amax, s, amax.numel(), BLOCK=256)
+    return s
+
+
+def test_pow2_scale_puts_the_largest_magnitude_just_below_float16s_top():
+    # the scale of a float16 copy: amax * s in [2^13, 2^14) for every normal amax, a power of two, never inf; 1
+    # for 0, inf and NaN
+    g = torch.Generator().manual_seed(6)
+    amax = torch.exp2(torch.rand(2000, generator=g, dtype=torch.float64) * 250 - 125).float()
+    amax = torch.cat([amax, torch.exp2(torch.arange(-126.0, 128.0)), torch.tensor([2.0 ** 14 - 1, 3e38])])
+    s = _pow2_scales(amax.to(DEVICE)).cpu().double()
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)
+    top = amax.double() * s
+    assert ((top >= 2 ** 13) & (top < 2 ** 14))[amax >= 2.0 ** -114].all()
+    assert ((top >= 2 ** 13) & (top < 2 ** 14) | (s == 2.0 ** 127)).all()
+    special = torch.tensor([0.0, float("inf"), float("nan"), 1e-40], device=DEVICE)
+    assert _pow2_scales(special).tolist() == [1.0, 1.0, 1.0, 2.0 ** 127]
+
+
 def test_float16_copies_keep_every_bfloat16_bit():
     # the operands of the 16-bit products: bfloat16 scaled by a power of two per (batch, kv-head), as float16;
     # the q-heads of a GQA group (here 2 per kv-head) share one scale
     g = torch.Generator().manual_seed(4)
     spread = torch.exp2(torch.randint(-16, 16, (2, 4, 64, 32), generator=g).float())
     x = (torch.randn(2, 4, 64, 32, generator=g) * spread).to(torch.bfloat16).to(DEVICE)
-    s = K._pow2_scale(K._group_amax(x, 2))
+    s = _pow2_scales(K._group_amax(x, 2))
     assert s.shape == (2, 2) and torch.all(torch.log2(s) == torch.round(torch.log2(s)))
     back = K._scaled_f16(x, s).double() / s.double().repeat_interleave(2, 1)[:, :, None, None]
     amax = K._group_amax(x, 2).double().repeat_interleave(2, 1)[:, :, None, None]
@@ -242,13 +269,14 @@ def _elements_loaded(fn):
 
 def _loads_per_kernel(q, k, v, scale, attend_current, cu):
     """Elements loaded by the forward, the query-major and the key-major kernel, each launched on its own."""
-    o, rem, lo = K._forward(q, k, v, scale, attend_current, cu)
-    c = dict(K._common(q, k, v, cu), scale=scale, lo=None)
+    max_len = q.shape[2] if cu is None else int((cu[1:] - cu[:-1]).max())
+    o, rem, lo = K._forward(q, k, v, scale, attend_current, cu, max_len)
+    c = dict(K._common(q, k, v, cu, max_len), scale=scale, lo=None)
     c["lo"] = lo if K._walks_can_stop(c, lo) else None
     drem = torch.ones_like(rem)
     ops = K._backward_operands(c, torch.ones_like(o), drem * rem, q, k, v)
     _, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, attend_current)
-    return {"forward": _elements_loaded(lambda: K._forward(q, k, v, scale, attend_current, cu)),
+    return {"forward": _elements_loaded(lambda: K._forward(q, k, v, scale, attend_current, cu, max_len)),
             "query-major": _elements_loaded(lambda: K._backward_dq(c, ops, drem, rem, attend_current)),
             "key-major": _elements_loaded(lambda: K._backward_dkdv(c, ops, delta_g, tw, tr.clone(), chunk,
                                                                    attend_current))}
@@ -279,6 +307,32 @@ def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_curr
         assert loads[True]["forward"] < loads[False]["forward"], message
         assert loads[True]["key-major"] < loads[False]["key-major"], message
         assert loads[True]["query-major"] == loads[False]["query-major"], message
+
+
+@pytest.mark.parametrize("lengths", [[300], [0, 37, 200, 1, 150]])
+def test_exit_bounds_count_the_query_blocks_that_reach_each_key_block(lengths):
+    """The key-major kernel's loop bounds under early exit, against their definition in plain loops: for each key
+    block, the query blocks of its sequence from the first up to the last one whose rows, or a later block's,
+    reach back to it (lo <= the key block's last key). lo is random here, not just what a forward would write."""
+    block_m, block_n, H = 32, 16, 3
+    g = torch.Generator().manual_seed(5)
+    T = sum(lengths)
+    lo = torch.zeros(1, H, T, dtype=torch.int32)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    for s, n in zip(starts, lengths):
+        for r in range(s, s + n):
+            lo[0, :, r] = torch.randint(s, r + 1, (H,), generator=g)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+    c = {"cu": cu.to(DEVICE), "n_seq": len(lengths), "varlen": True}
+    got = K._exit_bounds(lo.to(DEVICE), c, block_m, block_n).cpu()
+    for h in range(H):
+        for s, n in zip(starts, lengths):
+            block_lo = [int(lo[0, h, s + m * block_m:s + min(n, (m + 1) * block_m)].min())
+                        for m in range(-(-n // block_m))]
+            for j in range(-(-n // block_n)):
+                last = s + min(n, (j + 1) * block_n) - 1
+                want = max([m + 1 for m in range(len(block_lo)) if min(block_lo[m:]) <= last], default=0)
+                assert int(got[0, h, s + j * block_n]) == want, (h, s, j)
 
 
 def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(monkeypatch):
@@ -371,5 +425,5 @@ def test_no_T_by_T_allocation():
 def test_opcheck():
     # schema, fake tensors, autograd registration: what torch.compile relies on
     q, k, v, scale = make_inputs("random", 1, 2, 1, 20, 16, 16, torch.float32, seed=14)
-    torch.library.opcheck(torch.ops.sb_ref.stick_breaking_triton_fwd.default, (q, k, v, scale, False, None),
+    torch.library.opcheck(torch.ops.sb_ref.stick_breaking_triton_fwd.default, (q, k, v, scale, False, None, 20),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
