@@ -605,7 +605,8 @@ def _common(q, k, v, cu_seqlens, max_len):
     half = q.dtype != torch.float32
     return dict(B=B, H=H, T=T, D=D, DV=DV, group=group, n_seq=n_seq, max_len=max_len, cu=cu, block_d=block_d,
                 block_dv=block_dv, device=q.device, upcast=upcast, dtype=q.dtype, dot_dtype=dot_dtype,
-                precision=precision, varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS, split_a=half and not F16_PRODUCTS)
+                precision=precision, varlen=cu_seqlens is not None, f16=half and F16_PRODUCTS,
+                split_a=half and not F16_PRODUCTS)
 
 
 def _group_amax(x, hk):
