@@ -210,8 +210,8 @@ def ablations(D=128):
 def varlen_rows(regime, H=12, D=128, tokens=65536, seed=0):
     """Throughput of a packed batch of mixed lengths (uniform in [128, 8192], summing to `tokens`) against an
     equal-length batch whose length L = sum(len^2) / sum(len) gives the same causal work per token (the last row),
-    and of that equal-length batch packed as sequences (cu_seqlens), which separates the cost of the packed layout
-    from that of mixing lengths."""
+    and of that equal-length batch packed as sequences (cu_seqlens) and run through the varlen kernels unpacked,
+    which separate the costs of mixing lengths, of the packed layout and of the varlen kernels' code."""
     g = torch.Generator().manual_seed(seed)
     lengths = []
     while sum(lengths) < tokens:
@@ -231,6 +231,12 @@ def varlen_rows(regime, H=12, D=128, tokens=65536, seed=0):
         rows.append((f"{label} ({how})", (1, H, sum(lens), D), t_f, t_fb, 2 * H * sum(n * n for n in lens) * D))
         del q, k, v
     q, k, v = inputs(B, H, L, D, regime=regime)
+    # the batch through the varlen kernels: cu_seqlens [0, L] holds for every batch entry (a call sb_ref refuses,
+    # B > 1, that the kernels run as B separate packed batches)
+    cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu, L))
+    rows.append((f"equal length {L} (varlen kernels, cu_seqlens [0, {L}])", (B, H, L, D), t_f, t_fb,
+                 2 * B * H * L * L * D))
     t_f, t_fb = time_pair(sb_fwd(q, k, v))
     rows.append((f"equal length {L}", (B, H, L, D), t_f, t_fb, 2 * B * H * L * L * D))
     for name, shape, t_f, t_fb, flops in rows:
