@@ -204,6 +204,9 @@ def _query_block(CU, T, H, N_SEQ, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, B
 # form ran 16-21% slower per tile compiled (benchmarks/README.md). NaN in, NaN out: a used-up stick times a NaN is
 # still NaN, so a head whose inputs are not all finite walks everything.
 EXHAUSTED = -160.0
+# The forward splits its walk only for a query block whose most-worn row's carry is below SLOW_WEAR after the
+# diagonal (BLOCK_M keys at most): slower wear would not reach EXHAUSTED within the first segment.
+SLOW_WEAR = tl.constexpr(-16.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,17 +278,26 @@ def _fwd_kernel(Q, K, V, O, REM, LO, CU, SC, scale, T,
                           nb_hi - nb_full, qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
                           PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
     if EARLY_EXIT:
-        # the first EXIT_SEGMENT key blocks, then the rest only if some row's stick is not used up yet; one check,
-        # between two loops: a reduction in a loop's condition makes ptxas serialize the tensor-core products
-        it = tl.minimum(nb_full, EXIT_SEGMENT)
-        b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full,
-                              0, it, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION,
-                              SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
-        if tl.max((m_m & (b_s >= tl.load(SC + 1))).to(tl.int32), axis=0) > 0:
-            b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full,
-                                  it, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
+        it = nb_full
+        if tl.min(tl.where(m_m, b_s, 0.0), axis=0) < SLOW_WEAR:
+            # the first EXIT_SEGMENT key blocks, then the rest only if some row's stick is not used up yet; one
+            # check, between two loops: a reduction in a loop's condition makes ptxas serialize the tensor-core
+            # products
+            it = tl.minimum(nb_full, EXIT_SEGMENT)
+            b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end,
+                                  nb_full, 0, it, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
                                   PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
-            it = nb_full
+            if tl.max((m_m & (b_s >= tl.load(SC + 1))).to(tl.int32), axis=0) > 0:
+                b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end,
+                                      nb_full, it, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
+                                      OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+                it = nb_full
+        else:
+            # sticks that wore this slowly over the diagonal will not be used up a segment later: one loop, which
+            # keeps the software pipeline running (two cost a refill)
+            b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end,
+                                  nb_full, 0, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
+                                  OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
         # the first key this block walked: the backward walks as far
         tl.store(LO + o_m, seq_start + (nb_full - it) * BLOCK_N, mask=m_m)
     else:

@@ -284,11 +284,12 @@ def _loads_per_kernel(q, k, v, scale, attend_current, cu):
 
 @pytest.mark.parametrize("regime,dtype,attend_current,varlen", [("random", torch.bfloat16, False, False),
                                                                  ("saturated", torch.float32, True, False),
-                                                                 ("random", torch.bfloat16, False, True)])
+                                                                 ("random", torch.bfloat16, False, True),
+                                                                 ("long", torch.bfloat16, False, False)])
 def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_current, varlen, monkeypatch):
     """Stopping the walks once every row's stick is below 2^-160 changes no bit of o, rem, dq, dk, dv (what it
     skips rounds to 0), and it does stop: the forward and the key-major kernel load less (counted under the
-    interpreter)."""
+    interpreter). Sticks that last (the long regime) take the forward's one-loop walk: same bits, same loads."""
     T = 448
     q, k, v, scale = make_inputs(regime, 1, 2, 1, T, 16, 16, dtype, seed=12)
     cu = torch.tensor([0, 300, T], dtype=torch.int32, device=DEVICE) if varlen else None
@@ -300,6 +301,11 @@ def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_curr
             loads[on] = _loads_per_kernel(q, k, v, scale, attend_current, cu)
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a, b), f"{name} changed with early exit: largest difference {(a - b).abs().max():.2e}"
+    if regime == "long":
+        assert bool((results[True][1] > 0.5).all()), "every stick should last in the long regime"
+        # nothing skipped (the loads it adds are the few scalars that steer it)
+        assert all(loads[True][k] >= loads[False][k] for k in loads.get(False, {})), loads
+        return
     assert bool((results[True][1] == 0).any()), "no row's stick was used up: the test shows nothing"
     if loads:
         # the forward and the key-major backward skip; the query-major backward walks everything (see EXHAUSTED)
