@@ -8,7 +8,8 @@ TFLOP/s counts 2*B*H*T^2*D flops for a causal forward and 2.5x that for the back
 Accuracy: relative Frobenius error against the float64 oracle (tests/reference.py) on the same rounded inputs.
 --sweep times a few tile configurations of each kernel first and keeps the fastest (printed, not saved).
 --regime long times inputs whose sticks last for thousands of keys (the default, random, uses them up within tens).
---early-exit on|off overrides the kernels' EARLY_EXIT for the whole run; both times the op each way (two rows).
+--early-exit on|off overrides the kernels' EARLY_EXIT for the whole run; both times the op each way (two rows),
+twice, in the order off, on, baselines, on, off, and reports the mean of each.
 --varlen adds a table: 65536 tokens packed as sequences of mixed length (cu_seqlens), with max_seqlen given and
 read from cu_seqlens, against an equal-length batch with the same work per token, and that batch packed too.
 """
@@ -290,22 +291,26 @@ def main():
     for B, H, T, D in shapes:
         q, k, v = inputs(B, H, T, D, regime=args.regime)
         flops = 2 * B * H * T * T * D
-        res = {}
         if args.early_exit == "both":
-            impls = [("sb, exit off", lambda: sb_fwd(q, k, v, False)), ("sb, exit on", lambda: sb_fwd(q, k, v, True))]
+            sb = [("sb, exit off", lambda: sb_fwd(q, k, v, False)), ("sb, exit on", lambda: sb_fwd(q, k, v, True))]
         else:
-            impls = [("sb (triton)", lambda: sb_fwd(q, k, v))]
-        impls += [("flash", lambda: sdpa_fwd(q, k, v, SDPBackend.FLASH_ATTENTION)),
-                 ("cudnn", lambda: sdpa_fwd(q, k, v, SDPBackend.CUDNN_ATTENTION))]
+            sb = [("sb (triton)", lambda: sb_fwd(q, k, v))]
+        impls = sb + [("flash", lambda: sdpa_fwd(q, k, v, SDPBackend.FLASH_ATTENTION)),
+                      ("cudnn", lambda: sdpa_fwd(q, k, v, SDPBackend.CUDNN_ATTENTION))]
         if args.flex:
             impls.append(("flex", lambda: flex_fwd(q, k, v)))
+        if args.early_exit == "both":
+            # off, on, the baselines, on, off: the mean of each pair cancels a drift of the GPU's speed over the
+            # seconds between them (clocks, heat)
+            impls += sb[::-1]
+        times = {}
         for name, make in impls:
             try:
-                t_f, t_fb = time_pair(make())
-                res[name] = (t_f, t_fb)
+                times.setdefault(name, []).append(time_pair(make()))
             except Exception as e:
                 print(f"{name} at {(B, H, T, D)}: unavailable ({type(e).__name__}: {str(e)[:120]})", flush=True)
             q.grad = k.grad = v.grad = None
+        res = {name: tuple(sum(t) / len(ts) for t in zip(*ts)) for name, ts in times.items()}
         for name, (t_f, t_fb) in res.items():
             base = res.get("flash")
             rf = base[0] / t_f if base else float("nan")
@@ -320,6 +325,8 @@ def main():
     acc = accuracy_rows()
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    exit_setting = ("both ways (each timed twice: off, on, baselines, on, off; the means)"
+                    if args.early_exit == "both" else "on" if K.EARLY_EXIT else "off")
     md = [f"# Stick-breaking attention (Triton) vs PyTorch attention", "",
           f"- device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)",
           f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
@@ -327,8 +334,7 @@ def main():
           f"- tiles: fwd {K.CONFIGS[128]['fwd']}, dq {K.CONFIGS[128]['dq']}, dkdv {K.CONFIGS[128]['dkdv']} (D=128); "
           f"D=64: fwd {K.CONFIGS[64]['fwd']}, dq {K.CONFIGS[64]['dq']}, dkdv {K.CONFIGS[64]['dkdv']}",
           "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg])",
-          f"- input regime of the speed table: {args.regime}; early exit "
-          f"{'both ways' if args.early_exit == 'both' else 'on' if K.EARLY_EXIT else 'off'}", "",
+          f"- input regime of the speed table: {args.regime}; early exit {exit_setting}", "",
           "## Speed (causal, bf16, median of do_bench)", "",
           "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",
           "| (B, H, T, D) | kernel | fwd ms | fwd TFLOP/s | fwd vs flash | fwd+bwd ms | fwd+bwd TFLOP/s "
