@@ -999,7 +999,8 @@ def stick_breaking_attention_triton(q, k, v, scale: float, attend_current: bool,
 
     q (B, Hq, T, D), k (B, Hk, T, D), v (B, Hk, T, Dv) in one of float16/bfloat16/float32; cu_seqlens None or
     (N+1,) int offsets with B == 1, and max_seqlen the longest of its sequences (read from cu_seqlens, one wait
-    for the GPU, when not given; pass it when it is known on the host). Returns o (B, Hq, T, Dv) in q.dtype and
+    for the GPU, when not given; pass it when it is known on the host: the kernels trust it, and a shorter one
+    leaves rows unwritten). Returns o (B, Hq, T, Dv) in q.dtype and
     rem (B, Hq, T) float32, both differentiable in q, k and v. Backward is deterministic (no atomics).
     """
     if cu_seqlens is None:
