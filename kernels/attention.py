@@ -993,6 +993,13 @@ def _autograd_backward(ctx, do, drem, _):
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+def _max_seqlen(T, cu_seqlens):
+    """The longest sequence: T, or the widest gap of cu_seqlens (read back from the GPU)."""
+    if cu_seqlens is None:
+        return T
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
 def stick_breaking_attention_triton(q, k, v, scale: float, attend_current: bool, cu_seqlens=None,
                                     max_seqlen=None):
     """(o, rem) of stick-breaking attention through the Triton kernels; inputs are validated by sb_ref.
@@ -1003,9 +1010,7 @@ def stick_breaking_attention_triton(q, k, v, scale: float, attend_current: bool,
     leaves rows unwritten). Returns o (B, Hq, T, Dv) in q.dtype and
     rem (B, Hq, T) float32, both differentiable in q, k and v. Backward is deterministic (no atomics).
     """
-    if cu_seqlens is None:
-        max_seqlen = q.shape[2]
-    elif max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    if cu_seqlens is None or max_seqlen is None:
+        max_seqlen = _max_seqlen(q.shape[2], cu_seqlens)
     o, rem, _ = _fwd_op(q, k, v, float(scale), bool(attend_current), cu_seqlens, int(max_seqlen))
     return o, rem

@@ -15,6 +15,7 @@ import triton.language as tl
 
 import sb_ref.kernels.attention as K
 from sb_ref.kernels import stick_breaking_attention_triton
+from sb_ref.testing.speed import key_elements_loaded
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (output and remainder, gradients): DESIGN.md's bounds
@@ -248,38 +249,24 @@ def _outputs_and_grads(q, k, v, scale, attend_current, cu_seqlens=None):
     return [o.detach(), rem.detach()] + [x.grad.clone() for x in (q, k, v)]
 
 
-def _elements_loaded(fn):
-    """Elements the Triton interpreter loads (those the masks keep) while fn() runs."""
-    from triton.runtime import interpreter
-
-    count = [0]
-    original = interpreter.InterpreterBuilder.create_masked_load
-
-    def counting_load(self, ptrs, mask, *rest, **kwargs):
-        count[0] += int(mask.data.sum()) if mask is not None else ptrs.data.size
-        return original(self, ptrs, mask, *rest, **kwargs)
-
-    interpreter.InterpreterBuilder.create_masked_load = counting_load
-    try:
-        fn()
-    finally:
-        interpreter.InterpreterBuilder.create_masked_load = original
-    return count[0]
-
-
 def _loads_per_kernel(q, k, v, scale, attend_current, cu):
-    """Elements loaded by the forward, the query-major and the key-major kernel, each launched on its own."""
-    max_len = q.shape[2] if cu is None else int((cu[1:] - cu[:-1]).max())
+    """Elements each kernel, launched on its own, loads from the tensor its walk steps through (under the
+    interpreter, sb_ref.testing's counter): the forward and the query-major kernel from k, the key-major one from q
+    (the operands the backward reads, float16 copies for bfloat16 inputs)."""
+    max_len = K._max_seqlen(q.shape[2], cu)
     o, rem, lo = K._forward(q, k, v, scale, attend_current, cu, max_len)
     c = dict(K._common(q, k, v, cu, max_len), scale=scale, lo=None)
     c["lo"] = lo if K._walks_can_stop(c, lo) else None
     drem = torch.ones_like(rem)
     ops = K._backward_operands(c, torch.ones_like(o), drem * rem, q, k, v)
     _, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, attend_current)
-    return {"forward": _elements_loaded(lambda: K._forward(q, k, v, scale, attend_current, cu, max_len)),
-            "query-major": _elements_loaded(lambda: K._backward_dq(c, ops, drem, rem, attend_current)),
-            "key-major": _elements_loaded(lambda: K._backward_dkdv(c, ops, delta_g, tw, tr.clone(), chunk,
-                                                                   attend_current))}
+    q_op, k_op = ops[1], ops[2]
+    return {"forward": key_elements_loaded(lambda k: K._forward(q, k, v, scale, attend_current, cu, max_len), (k,),
+                                           key_index=0),
+            "query-major": key_elements_loaded(lambda _: K._backward_dq(c, ops, drem, rem, attend_current), (k_op,),
+                                               key_index=0),
+            "key-major": key_elements_loaded(lambda _: K._backward_dkdv(c, ops, delta_g, tw, tr.clone(), chunk,
+                                                                        attend_current), (q_op,), key_index=0)}
 
 
 @pytest.mark.parametrize("regime,dtype,attend_current,varlen", [("random", torch.bfloat16, False, False),
@@ -303,7 +290,7 @@ def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_curr
         assert torch.equal(a, b), f"{name} changed with early exit: largest difference {(a - b).abs().max():.2e}"
     if regime == "long":
         assert bool((results[True][1] > 0.5).all()), "every stick should last in the long regime"
-        # nothing skipped (the loads it adds are the few scalars that steer it)
+        # nothing skipped
         assert all(loads[True][k] >= loads[False][k] for k in loads.get(False, {})), loads
         return
     assert bool((results[True][1] == 0).any()), "no row's stick was used up: the test shows nothing"
