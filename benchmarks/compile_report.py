@@ -49,7 +49,7 @@ def compile_kernel(name, dim):
     bm, bn, warps, stages, scan_l, scan_dl, extra = K._config(name, dim, K.torch.bfloat16, K.torch.device("cuda"))
     values = dict(D=dim, DV=dim, BLOCK_D=dim, BLOCK_DV=dim, VARLEN=False, ATTEND_CURRENT=False, UPCAST=False,
                   DOT_DTYPE=tl.bfloat16 if name == "fwd" else tl.float16, OP_DTYPE=tl.float16, PRECISION="ieee",
-                  SPLIT_A=False, SCAN_L=scan_l, SCAN_DL=scan_dl, EARLY_EXIT=K.EARLY_EXIT,
+                  SPLIT_A=False, SCAN_L=scan_l, SCAN_DL=scan_dl, EARLY_EXIT=K.EARLY_EXIT, REDO=False,
                   EXIT_SEGMENT=K.EXIT_SEGMENTS["gpu"], BLOCK_M=bm, BLOCK_N=bn)
     signature, constexprs, attrs = {}, {}, {}
     for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):

@@ -202,8 +202,10 @@ def _query_block(CU, T, H, N_SEQ, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, B
 # the first key it walked (LO); the key-major backward skips the query blocks whose walks stopped right of its
 # key block (loop bounds from LO, see _exit_bounds). The query-major backward walks everything: its early-exit
 # form ran 16-21% slower per tile compiled (benchmarks/README.md). NaN in, NaN out: a used-up stick times a NaN is
-# still NaN, so a head whose inputs are not all finite walks everything.
-EXHAUSTED = -160.0
+# still NaN. Every key lies in some block's diagonal blocks, so there the forward flags a kv-head whose k or v
+# holds a non-finite value, and a second launch (REDO) walks again, in full, the flagged heads' blocks that
+# stopped early.
+EXHAUSTED = tl.constexpr(-160.0)
 # The forward splits its walk only for a query block whose most-worn row's carry is below SLOW_WEAR after the
 # diagonal (BLOCK_M keys at most): slower wear would not reach EXHAUSTED within the first segment.
 SLOW_WEAR = tl.constexpr(-16.0)
@@ -213,11 +215,11 @@ SLOW_WEAR = tl.constexpr(-16.0)
 # 2. forward
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_hi, it_lo, it_hi,
-               qk_scale, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+def _fwd_inner(b_o, b_s, b_zsum, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_hi, it_lo,
+               it_hi, qk_scale, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-               SPLIT_A: tl.constexpr, SCAN_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr):
+               SPLIT_A: tl.constexpr, SCAN_L: tl.constexpr, CHECK: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for it in range(it_lo, it_hi):
@@ -228,6 +230,9 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
         b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
         b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         b_lb, b_lom, _, _ = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
+        if CHECK:
+            # every logit of the tile, masked or not: a non-finite key makes its whole column non-finite
+            b_zsum += tl.sum(b_z, axis=1)
         if MASKED:
             # only blocks that cross the diagonal need the causal mask
             if ATTEND_CURRENT:
@@ -242,7 +247,7 @@ def _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_star
             b_a = tl.where(m_vis, b_a, 0.0)
         b_o = _dot_split(b_a, b_v, b_o, OP_DTYPE, UPCAST, SPLIT_A, PRECISION)
         b_s += tl.sum(b_lom, axis=1)
-    return b_o, b_s
+    return b_o, b_s, b_zsum
 
 
 @triton.jit
@@ -252,58 +257,72 @@ def _fwd_kernel(Q, K, V, O, REM, LO, CU, SC, scale, T,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr,
                 VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_A: tl.constexpr,
-                SCAN_L: tl.constexpr, EARLY_EXIT: tl.constexpr, EXIT_SEGMENT: tl.constexpr,
+                SCAN_L: tl.constexpr, EARLY_EXIT: tl.constexpr, EXIT_SEGMENT: tl.constexpr, REDO: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     i_b, i_h, seq_start, seq_end, m0, nb_full, nb_hi = _query_block(CU, T, H, N_SEQ, VARLEN, BLOCK_M, BLOCK_N)
     # logits in base 2: exp2 and log2 throughout, one multiply folded into the scale
     qk_scale = scale * 1.4426950408889634
-    # this kv-head's [1 / scale of v, exit threshold] (see _forward_table)
+    # this kv-head's [1 / scale of v, non-finite flag] (see _forward_table)
     SC += (i_b * (H // GROUP) + i_h // GROUP) * 2
+    REM += (i_b * H + i_h) * T
+    LO += (i_b * H + i_h) * T
+    if REDO:
+        # the second launch: only a block that stopped early in a head flagged by the first walks again
+        lo = tl.load(LO + m0, mask=m0 < seq_end, other=seq_start)
+        if (tl.load(SC + 1) == 0) | (lo == seq_start):
+            return
 
     Q += i_b * s_qb + i_h * s_qh
     K += i_b * s_kb + (i_h // GROUP) * s_kh
     V += i_b * s_vb + (i_h // GROUP) * s_vh
     O += i_b * s_ob + i_h * s_oh
-    REM += (i_b * H + i_h) * T
-    LO += (i_b * H + i_h) * T
 
     o_m = m0 + tl.arange(0, BLOCK_M)
     m_m = o_m < seq_end
     b_q = _load_tile(Q, o_m, tl.arange(0, BLOCK_D), s_qt, s_qd, m_m, D, BLOCK_D, UPCAST)
     b_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     b_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_zsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     TRI_L = _tri(BLOCK_N, True, tl.float16, UPCAST)
 
-    b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_hi, 0,
-                          nb_hi - nb_full, qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
-                          PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+    b_o, b_s, b_zsum = _fwd_inner(b_o, b_s, b_zsum, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start,
+                                  seq_end, nb_hi, 0, nb_hi - nb_full, qk_scale, D, DV, True, ATTEND_CURRENT, UPCAST,
+                                  DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, EARLY_EXIT, BLOCK_N, BLOCK_D,
+                                  BLOCK_DV)
     if EARLY_EXIT:
+        # a non-finite key (its logits) or value (every row's output) among the diagonal blocks' flags the head
+        b_chk = tl.sum(b_zsum + tl.sum(b_o, axis=1), axis=0)
+        if b_chk - b_chk != 0:
+            tl.store(SC + 1, 1.0)
         it = nb_full
         if tl.min(tl.where(m_m, b_s, 0.0), axis=0) < SLOW_WEAR:
             # the first EXIT_SEGMENT key blocks, then the rest only if some row's stick is not used up yet; one
             # check, between two loops: a reduction in a loop's condition makes ptxas serialize the tensor-core
             # products
             it = tl.minimum(nb_full, EXIT_SEGMENT)
-            b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end,
-                                  nb_full, 0, it, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE,
-                                  PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
-            if tl.max((m_m & (b_s >= tl.load(SC + 1))).to(tl.int32), axis=0) > 0:
-                b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end,
-                                      nb_full, it, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
-                                      OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+            b_o, b_s, _ = _fwd_inner(b_o, b_s, b_zsum, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start,
+                                     seq_end, nb_full, 0, it, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST,
+                                     DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, False, BLOCK_N, BLOCK_D, BLOCK_DV)
+            if tl.max((m_m & (b_s >= EXHAUSTED)).to(tl.int32), axis=0) > 0:
+                b_o, b_s, _ = _fwd_inner(b_o, b_s, b_zsum, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start,
+                                         seq_end, nb_full, it, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT,
+                                         UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, False, BLOCK_N,
+                                         BLOCK_D, BLOCK_DV)
                 it = nb_full
         else:
             # sticks that wore this slowly over the diagonal will not be used up a segment later: one loop, which
             # keeps the software pipeline running (two cost a refill)
-            b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end,
-                                  nb_full, 0, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE,
-                                  OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+            b_o, b_s, _ = _fwd_inner(b_o, b_s, b_zsum, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start,
+                                     seq_end, nb_full, 0, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST,
+                                     DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, False, BLOCK_N, BLOCK_D, BLOCK_DV)
         # the first key this block walked: the backward walks as far
         tl.store(LO + o_m, seq_start + (nb_full - it) * BLOCK_N, mask=m_m)
     else:
-        b_o, b_s = _fwd_inner(b_o, b_s, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start, seq_end, nb_full, 0,
-                              nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST, DOT_DTYPE, OP_DTYPE, PRECISION,
-                              SPLIT_A, SCAN_L, BLOCK_N, BLOCK_D, BLOCK_DV)
+        b_o, b_s, _ = _fwd_inner(b_o, b_s, b_zsum, TRI_L, b_q, K, V, s_kt, s_kd, s_vt, s_vd, o_m, seq_start,
+                                 seq_end, nb_full, 0, nb_full, qk_scale, D, DV, False, ATTEND_CURRENT, UPCAST,
+                                 DOT_DTYPE, OP_DTYPE, PRECISION, SPLIT_A, SCAN_L, False, BLOCK_N, BLOCK_D, BLOCK_DV)
+        if REDO:
+            tl.store(LO + o_m, seq_start, mask=m_m)
     # V may be a float16 copy scaled by a power of two (see _forward_table): undo the scale
     b_o *= tl.load(SC)
 
@@ -576,7 +595,7 @@ CONFIGS = {
 F16_PRODUCTS = True
 # Early exit on used-up sticks (EXHAUSTED): exact, since what it skips rounds to 0; the key blocks the forward
 # walks past the diagonal before it checks.
-EARLY_EXIT = False
+EARLY_EXIT = True
 EXIT_SEGMENTS = {"interpret": 6, "gpu": 8}
 # The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
 COMPILED = {}
@@ -683,9 +702,8 @@ def _exit_segment(c):
 
 
 @triton.jit
-def _forward_table_kernel(AMAX_V, AMAX_K, S, TABLE, N, exhausted, COPY: tl.constexpr, EXIT: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """Per (batch, kv-head): S, the scale of v's float16 copy (COPY), and TABLE [1 / S, the exit threshold]."""
+def _forward_table_kernel(AMAX_V, S, TABLE, N, COPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Per (batch, kv-head): S, the scale of v's float16 copy (COPY), and TABLE [1 / S, 0 (the non-finite flag)]."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
     b_inv = tl.full([BLOCK], 1.0, dtype=tl.float32)
@@ -693,31 +711,24 @@ def _forward_table_kernel(AMAX_V, AMAX_K, S, TABLE, N, exhausted, COPY: tl.const
         b_s = _pow2_scale(tl.load(AMAX_V + o, mask=m, other=0.0))
         tl.store(S + o, b_s, mask=m)
         b_inv = 1.0 / b_s
-    b_thr = tl.full([BLOCK], exhausted, dtype=tl.float32)
-    if EXIT:
-        # NaN or inf in k or v: never used up
-        b_amax = tl.load(AMAX_V + o, mask=m, other=0.0) + tl.load(AMAX_K + o, mask=m, other=0.0)
-        b_thr = tl.where(b_amax < float("inf"), b_thr, -float("inf"))
     tl.store(TABLE + 2 * o, b_inv, mask=m)
-    tl.store(TABLE + 2 * o + 1, b_thr, mask=m)
+    tl.store(TABLE + 2 * o + 1, tl.zeros([BLOCK], dtype=tl.float32), mask=m)
 
 
-def _forward_table(c, k, v, exit_early):
-    """The forward's v operand and a table (B, Hk, 2) per kv-head: [1 / the scale of v, the exit threshold].
+def _forward_table(c, v):
+    """The forward's v operand and a table (B, Hk, 2) per kv-head: [1 / the scale of v, a flag the early-exit
+    forward sets where the kv-head's k or v holds a NaN or an infinity].
 
     With F16_PRODUCTS a bfloat16 v goes in as a float16 copy (_scaled_f16) and o is scaled back; else v itself
-    and 1. The threshold is EXHAUSTED, or -inf (never used up) where k or v holds a NaN or an infinity."""
+    and 1."""
     B, hk = v.shape[:2]
     copy = c["f16"] and v.dtype == torch.bfloat16
-    amax_v = _group_amax(v, hk) if copy or exit_early else None
-    amax_k = _group_amax(k, hk) if exit_early else None
-    s = torch.empty(B, hk, dtype=torch.float32, device=v.device) if copy else None
     table = torch.empty(B, hk, 2, dtype=torch.float32, device=v.device)
-    # unused pointers get the table (a kernel takes tensors where a launch may leave them out)
-    _forward_table_kernel[(triton.cdiv(B * hk, 128),)](table if amax_v is None else amax_v,
-                                                       table if amax_k is None else amax_k,
-                                                       table if s is None else s, table, B * hk, EXHAUSTED,
-                                                       COPY=copy, EXIT=exit_early, BLOCK=128)
+    s = torch.empty(B, hk, dtype=torch.float32, device=v.device) if copy else None
+    # without a copy the unused pointers get the table (a kernel takes tensors where a launch may leave them out)
+    _forward_table_kernel[(triton.cdiv(B * hk, 128),)](_group_amax(v, hk) if copy else table,
+                                                       table if s is None else s, table, B * hk, COPY=copy,
+                                                       BLOCK=128)
     return (_scaled_f16(v, s) if copy else v), table
 
 
@@ -805,13 +816,16 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens, max_len):
     exit_early = _walks_can_stop(c, lo)
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
     if grid[1] > 0:
-        v_op, table = _forward_table(c, k, v, exit_early)
-        COMPILED["fwd"] = _fwd_kernel[grid](
-            q, k, v_op, o, rem, lo if exit_early else rem, c["cu"], table, float(scale), T, *q.stride(),
-            *k.stride(), *v_op.stride(), *o.stride(), H=H, SCAN_L=scan_l, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages, OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"],
-            SPLIT_A=c["split_a"], EARLY_EXIT=exit_early, EXIT_SEGMENT=_exit_segment(c), **extra,
-            **_kernel_args(c, attend_current, c["dot_dtype"]))
+        v_op, table = _forward_table(c, v)
+        args = (q, k, v_op, o, rem, lo if exit_early else rem, c["cu"], table, float(scale), T, *q.stride(),
+                *k.stride(), *v_op.stride(), *o.stride())
+        kwargs = dict(H=H, SCAN_L=scan_l, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                      OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], SPLIT_A=c["split_a"],
+                      EXIT_SEGMENT=_exit_segment(c), **extra, **_kernel_args(c, attend_current, c["dot_dtype"]))
+        COMPILED["fwd"] = _fwd_kernel[grid](*args, EARLY_EXIT=exit_early, REDO=False, **kwargs)
+        if exit_early:
+            # NaN in, NaN out: blocks that stopped early in a head with a non-finite key or value walk everything
+            _fwd_kernel[grid](*args, EARLY_EXIT=False, REDO=True, **kwargs)
     return o, rem, lo
 
 

@@ -328,15 +328,22 @@ def test_exit_bounds_count_the_query_blocks_that_reach_each_key_block(lengths):
                 assert int(got[0, h, s + j * block_n]) == want, (h, s, j)
 
 
-def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(monkeypatch):
+@pytest.mark.parametrize("poison", ["nan key", "-inf in a key", "inf value"])
+def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(poison, monkeypatch):
     """Early exit changes no bit, and skips nothing it must not: a block with one long-lived row among used-up ones
     walks on, and the key-major kernel then also visits earlier blocks that stopped (it finds their sticks used up
-    there); a NaN key poisons every later query as without early exit (NaN in, NaN out, as PyTorch attention
-    does: a used-up stick times NaN is NaN), and so does a NaN output gradient every key gradient it reaches."""
+    there); a non-finite key or value poisons every later query as without early exit (NaN in, NaN out, as PyTorch
+    attention does: a used-up stick times NaN is NaN; that head's blocks that stopped early walk again, while the
+    other head still skips)."""
     T = 448
     q, k, v, scale = make_inputs("random", 1, 2, 2, T, 16, 16, torch.float32, seed=13)
     with torch.no_grad():
-        k[0, 0, 100] = float("nan")
+        if poison == "nan key":
+            k[0, 0, 100] = float("nan")
+        elif poison == "-inf in a key":
+            k[0, 0, 100, 3] = -float("inf")
+        else:
+            v[0, 0, 100, 5] = float("inf")
         # head 1: logits near +4 (sticks used up within tens of keys) but for row 420, near -10 against keys
         # 0..419: its stick outlives everyone's, so the key-major kernel visits blocks whose walks stopped early
         k[0, 1, :420, 0] = 4.0
@@ -349,12 +356,26 @@ def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(monkeypa
         results[on] = _outputs_and_grads(q, k, v, scale, False)
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), f"{name} changed with early exit"
+    # the first key each row's walk reached: 0 throughout the poisoned head, later ones in the other
+    lo = K._forward(q, k, v, scale, False, None, T)[2]
+    if poison != "-inf in a key":
+        assert bool((lo[0, 0] == 0).all()), "the poisoned head's blocks should all have walked to the start"
+    assert bool((lo[0, 1] > 0).any()), "head 1's blocks should still stop early"
     o, rem = results[True][:2]
-    assert torch.isnan(o[0, 0, 101:]).all() and torch.isfinite(o[0, 0, :101]).all()
+    if poison != "inf value":
+        # (an infinite value reaches earlier rows of its own block too: 0 * inf in the product A v, as in PyTorch's)
+        assert bool(torch.isfinite(o[0, 0, :101]).all())
+    if poison != "-inf in a key":
+        # every later row, even those whose sticks were used up long before key 100
+        assert bool((~torch.isfinite(o[0, 0, 101:])).any(dim=-1).all()), "a non-finite input should reach them all"
     assert float(rem[0, 1, 420]) > 0.5, "row 420's stick should outlive everyone's"
     assert bool((rem[0, 1, 64:] == 0).float().mean() > 0.9), "the other sticks should be used up"
 
-    # a NaN output gradient at row 400 reaches dv of every key it sees
+
+def test_early_exit_passes_a_nan_output_gradient_to_every_key_it_reaches(monkeypatch):
+    """The backward walks everything where dO holds a NaN: without early exit it reaches dv of every key row 400
+    sees, so with it too (the backward's table flags non-finite gradients)."""
+    T = 448
     q, k, v, scale = make_inputs("random", 1, 1, 1, T, 16, 16, torch.float32, seed=14)
     grads = {}
     for on in (False, True):
