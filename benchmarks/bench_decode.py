@@ -2,6 +2,7 @@
 and against the GPU's copy bandwidth.
 
     python benchmarks/bench_decode.py [--out results.md] [--shapes "8,32,8,128;1,32,8,128"] [--lengths 4096,32768]
+    python benchmarks/bench_decode.py --sweep [--shapes ...] [--lengths ...]
 
 bf16, one new query per sequence (Tn = 1) against a full cache of T positions (cache_seqlens = T), for T in
 {4096, 32768, 131072} and (B, Hq, Hk, D) in {(8, 32, 8, 128), (1, 32, 8, 128)}. Times are medians of
@@ -18,6 +19,10 @@ GB/s counts the bytes a decode must move: k and v of the valid cache, q and o (t
 not counted), over the time; "of copy" divides that by the bandwidth of a large device-to-device copy
 (``y.copy_(x)``, read + write) measured in the same process. Decoding reads each key and value once and does
 O(rows) flops per byte, so it is memory-bound: the copy bandwidth is its roofline.
+
+``--sweep`` times the split kernel and its combine (the cache length given) over tile shapes (BLOCK_N, num_warps,
+num_stages: decode.DECODE_CONFIGS) and split counts (about 1 to 8 programs per SM over the (batch, kv-head) work
+items) per (shape, T), best first, to choose DECODE_CONFIGS and the split rule (decode.split_count).
 """
 import argparse
 import datetime
@@ -91,6 +96,15 @@ def sdpa_call(q, k, v):
     return None, "; ".join(errors)
 
 
+def problem(B, Hq, Hk, D, T):
+    """One new bf16 query per sequence against a full cache of T positions: q, k_cache, v_cache, cache_seqlens."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hk, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hk, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v, torch.full((B,), T, dtype=torch.int32, device="cuda")
+
+
 def run(shapes, lengths):
     import sb_ref
     from sb_ref.kernels import decode as KD
@@ -100,11 +114,7 @@ def run(shapes, lengths):
     rows = []
     for B, Hq, Hk, D in shapes:
         for T in lengths:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            k = torch.randn(B, Hk, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn(B, Hk, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+            q, k, v, lens = problem(B, Hq, Hk, D, T)
             scale = D ** -0.5
             t_sb = ms(lambda: stick_breaking_decode_triton(q, k, v, lens, scale, True, max_seqlen=T))
             t_op = ms(lambda: sb_ref.stick_breaking_decode(q, k, v, lens))
@@ -122,15 +132,71 @@ def run(shapes, lengths):
     return bw, rows
 
 
+def sweep(shapes, lengths, top=8):
+    """Markdown lines: for each (shape, T), the fastest (BLOCK_N, warps, stages, splits) and the committed choice."""
+    import itertools
+
+    import triton
+    from sb_ref.kernels import decode as KD
+    from sb_ref.kernels import stick_breaking_decode_triton
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bw = copy_bandwidth()
+    lines = [f"copy bandwidth {bw:.0f} GB/s", ""]
+    committed = KD.DECODE_CONFIGS[128]
+    for B, Hq, Hk, D in shapes:
+        for T in lengths:
+            q, k, v, lens = problem(B, Hq, Hk, D, T)
+            nbytes = decode_bytes(B, Hq, Hk, T, D)
+            planned = KD.plan(B, Hq, Hk, 1, T, q.device)[2]
+            items = B * Hk * KD.plan(B, Hq, Hk, 1, T, q.device)[1]
+            splits = sorted({planned} | {max(1, min(T // 128, triton.cdiv(p * sms, items)))
+                                         for p in (1, 2, 3, 4, 6, 8)})
+            rows = []
+            for (bn, warps, stages), n_split in itertools.product(
+                    itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)), splits):
+                KD.DECODE_CONFIGS[128] = (bn, warps, stages)
+                try:
+                    t = triton.testing.do_bench(
+                        lambda: stick_breaking_decode_triton(q, k, v, lens, D ** -0.5, True, max_seqlen=T,
+                                                             num_splits_=n_split), warmup=10, rep=40,
+                        return_mode="median")
+                except Exception as e:  # a tile that does not fit (shared memory, registers)
+                    print(f"({bn}, {warps}, {stages}) x {n_split}: {type(e).__name__}", flush=True)
+                    continue
+                rows.append((t, bn, warps, stages, n_split))
+            KD.DECODE_CONFIGS[128] = committed
+            rows.sort()
+            now = next(r for r in rows if r[1:4] == committed and r[4] == planned)
+            lines += [f"### (B, Hq, Hk, D) = {(B, Hq, Hk, D)}, T = {T} ({items} work items)", "",
+                      "| BLOCK_N | warps | stages | splits | ms | of copy |", "|---|---|---|---|---|---|"]
+            for t, bn, warps, stages, n_split in rows[:top] + [now]:
+                mark = " (committed)" if (bn, warps, stages, n_split) == now[1:] else ""
+                lines.append(f"| {bn} | {warps} | {stages} | {n_split}{mark} | {t:.4f} | "
+                             f"{nbytes / t * 1e-6 / bw:.2f} |")
+            lines.append("")
+            print("\n".join(lines[-top - 5:]), flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="Markdown file to write (default benchmarks/results/decode_<date>.md)")
     ap.add_argument("--shapes", default=None, help="(B, Hq, Hk, D) list, e.g. '8,32,8,128;1,32,8,128'")
     ap.add_argument("--lengths", default=None, help="cache lengths, e.g. 4096,32768,131072")
+    ap.add_argument("--sweep", action="store_true", help="time tile shapes and split counts instead")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     lengths = LENGTHS if args.lengths is None else [int(x) for x in args.lengths.split(",")]
     import triton
+    if args.sweep:
+        text = "\n".join(["# Decode sweep (bf16, one query per sequence, D = 128)", ""] + sweep(shapes, lengths))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return
     bw, rows = run(shapes, lengths)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     props = torch.cuda.get_device_properties(0)

@@ -143,28 +143,34 @@ def _decode_combine_kernel(OP, SP, O, REM, N_ROWS, HQ, TN, N_SPLIT, s_ob, s_oh, 
 # 3. launcher
 # ---------------------------------------------------------------------------------------------------------------
 # (BLOCK_N, num_warps, num_stages) by padded head dim; the interpreter takes small blocks so that small tests
-# cross blocks and splits. Not tuned on a GPU yet: benchmarks/bench_decode.py measures them.
-DECODE_CONFIGS = {"interpret": (16, 4, 1), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
-# Splits: enough programs for PROGRAMS_PER_SM per SM, but never fewer than MIN_SPLIT keys per split (a short
-# cache is one split, with no combine), and at most MAX_SPLITS.
-PROGRAMS_PER_SM = 3
-MIN_SPLIT = {"interpret": 32, "gpu": 512}
+# cross blocks and splits. D = 128 from benchmarks/bench_decode.py --sweep on an H100 (bf16, B = 1 and 8, caches of
+# 4096 to 131072): 2 warps, 3 stages were among the fastest at every long cache; the others are not swept yet.
+DECODE_CONFIGS = {"interpret": (16, 4, 1), 64: (64, 4, 3), 128: (64, 2, 3), 256: (32, 4, 2)}
+# Splits of a sequence's cache: about SPLIT_KEYS[1] keys each (long runs of loads keep the cache streaming), but at
+# least one program per SM and at most PROGRAMS_PER_SM per SM over the work items, never fewer than SPLIT_KEYS[0]
+# keys per split (a short cache is one split, with no combine), at most MAX_SPLITS. The interpreter counts 4 SMs.
+PROGRAMS_PER_SM = 6
+SPLIT_KEYS = {"interpret": (32, 64), "gpu": (256, 4096)}
 MAX_SPLITS = 256
 # rows of a tile: the q-heads of a GQA group x the new tokens, padded to at least 16 (the products' minimum)
 MIN_ROWS, MAX_ROWS = 16, 64
 COMBINE_ROWS = 16
 
 
+def split_count(n_programs, max_len, sms, fewest_keys, aimed_keys):
+    """Splits per sequence for n_programs (batch x kv-head x row block) work items on sms SMs (see SPLIT_KEYS)."""
+    n_programs = max(n_programs, 1)
+    n = max(triton.cdiv(max_len, aimed_keys), triton.cdiv(sms, n_programs))
+    n = min(n, triton.cdiv(PROGRAMS_PER_SM * sms, n_programs), triton.cdiv(max_len, fewest_keys), MAX_SPLITS)
+    return max(1, n)
+
+
 def num_splits(n_programs, max_len, device):
-    """Splits of each sequence's cache: about PROGRAMS_PER_SM programs per SM over the n_programs (batch x
-    kv-head x row block) work items, each split at least MIN_SPLIT keys long."""
-    interpret = INTERPRET or device.type != "cuda"
-    if interpret:
-        target = 16
-    else:
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    most = max(1, triton.cdiv(max_len, MIN_SPLIT["interpret" if interpret else "gpu"]))
-    return max(1, min(triton.cdiv(target, max(n_programs, 1)), most, MAX_SPLITS))
+    """split_count for this device: the GPU's SMs and SPLIT_KEYS["gpu"], or the interpreter's."""
+    if INTERPRET or device.type != "cuda":
+        return split_count(n_programs, max_len, 4, *SPLIT_KEYS["interpret"])
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return split_count(n_programs, max_len, sms, *SPLIT_KEYS["gpu"])
 
 
 def plan(B, Hq, Hk, Tn, max_len, device):

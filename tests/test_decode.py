@@ -144,10 +144,18 @@ def test_auto_backend_and_no_gradient():
 
 
 def test_number_of_splits():
+    # the split counts that bench_decode.py --sweep found fastest on an H100 (132 SMs, (B, 32, 8, 128), bf16)
+    h100 = dict(sms=132, fewest_keys=256, aimed_keys=4096)
+    assert KD.split_count(64, 131072, **h100) == 13  # B = 8: 6 programs per SM
+    assert KD.split_count(8, 131072, **h100) == 32  # B = 1: 4096 keys per split (33 measured)
+    assert KD.split_count(8, 32768, **h100) == 17  # B = 1: one program per SM
+    assert KD.split_count(64, 4096, **h100) == 3
+    assert KD.split_count(8, 4096, **h100) == 16  # (17 measured) at least 256 keys per split
+    assert KD.split_count(8, 100, **h100) == 1  # a short cache is one split
+    assert KD.split_count(1, 10 ** 7, **h100) == KD.MAX_SPLITS
     cpu = torch.device("cpu")
-    assert KD.num_splits(6, 20, cpu) == 1  # a short cache is one split
-    assert KD.num_splits(1, 10_000, cpu) == 16  # enough programs
-    assert KD.num_splits(4, 10_000, cpu) == 4
+    assert KD.num_splits(6, 20, cpu) == 1
+    assert KD.num_splits(1, 10_000, cpu) == 24  # the interpreter's 4 SMs, 6 programs each
     assert KD.num_splits(100, 10_000, cpu) == 1
 
 
