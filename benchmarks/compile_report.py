@@ -13,6 +13,13 @@ kernel's wgmma products (its warning C7515: each product then waits for the one 
 condition did it once here).
 Counts are static (the whole kernel, both the diagonal and the off-diagonal loop), to compare versions, not to
 time them. The triton version here may differ from a GPU machine's; `--out` keeps PTX and SASS for reading.
+
+A second table budgets one iteration of each kernel's hot loop (its innermost loop with tensor-core products, the
+shortest such: off the diagonal), per tile: the instructions each warp issues (one scheduler issues one per clock,
+so that many clocks at best), the MUFU instructions (the special-function unit takes 8 clocks per warp
+instruction), and the clocks the tile's products need at the tensor cores' peak (4096 dense 16-bit flops per clock
+per SM on an H100, from the HGMMA shapes). The largest of the three bounds the loop; a kernel slower than its
+largest waits on latency.
 """
 import argparse
 import collections
@@ -94,6 +101,32 @@ def report(compiled):
     return registers, spills, serialized, ops, sass
 
 
+TENSOR_FLOPS_PER_CLOCK = 4096  # H100 SXM, dense float16 / bfloat16, per SM
+MUFU_CLOCKS = 8  # per warp instruction: 16 results per clock per SM, 4 per scheduler
+
+
+def hot_loop(sass):
+    """(instructions, HGMMA flops, MUFU instructions) of one iteration of the shortest innermost loop that holds
+    tensor-core products: the loop a kernel spends its time in."""
+    lines = sass.splitlines()
+    instr = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)")
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    innermost = [(a, b) for a, b in loops if not any(a < c and d < b for c, d in loops if (c, d) != (a, b))]
+    best = None
+    for a, b in innermost:
+        ops = [m.group(1) for line in lines[a:b + 1] if (m := instr.match(line))]
+        flops = sum(2 * int(x) * int(y) * int(z) for op in ops
+                    if (mm := re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op)) for x, y, z in [mm.groups()])
+        if flops and (best is None or len(ops) < best[0]):
+            best = (len(ops), flops, sum(op.startswith("MUFU") for op in ops))
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dims", default="128,64", help="padded head dims, comma-separated")
@@ -101,6 +134,7 @@ def main():
     ap.add_argument("--out", default=None, help="folder for each kernel's PTX and SASS")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_90, bfloat16 inputs; static instruction counts")
+    loops = []
     print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages, maxnreg) | registers | spill bytes | "
           "wgmma serialized | " + " | ".join(OPS) + " |")
     print("|---" * (6 + len(OPS)) + "|")
@@ -110,11 +144,24 @@ def main():
             registers, spills, serialized, ops, sass = report(compiled)
             print(f"| {name} | {dim} | {tiles} | {registers} | {spills} | {'yes' if serialized else 'no'} | "
                   + " | ".join(str(ops[o]) for o in OPS) + " |", flush=True)
+            loops.append((name, dim, tiles, hot_loop(sass)))
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):
                     with open(os.path.join(args.out, f"{name}_{dim}.{ext}"), "w") as f:
                         f.write(text)
+    print("\nOne iteration of the hot loop (one tile), clocks per SM at best:\n")
+    print("| kernel | D | tile (BLOCK_M x BLOCK_N) | instructions per warp = issue clocks | MUFU per warp "
+          "| MUFU clocks | "
+          "tensor-core clocks | issue / tensor |")
+    print("|---" * 8 + "|")
+    for name, dim, tiles, loop in loops:
+        if loop is None:
+            continue
+        n, flops, mufu = loop
+        tensor = flops / TENSOR_FLOPS_PER_CLOCK
+        print(f"| {name} | {dim} | {tiles[0]} x {tiles[1]} | {n} | {mufu} | {mufu * MUFU_CLOCKS} | {tensor:.0f} | "
+              f"{n / tensor:.2f} |")
 
 
 if __name__ == "__main__":
