@@ -594,8 +594,10 @@ CONFIGS = {
 # of two (_scaled_f16). With F16_PRODUCTS off, the forward's A goes in as a bfloat16 hi + lo pair instead.
 F16_PRODUCTS = True
 # Early exit on used-up sticks (EXHAUSTED): exact, since what it skips rounds to 0; the key blocks the forward
-# walks past the diagonal before it checks.
+# walks past the diagonal before it checks. Packed variable-length batches (cu_seqlens) take it only with
+# EARLY_EXIT_VARLEN too: their early-exit forward kernel ran 5% slower where sticks last (kernels/README.md).
 EARLY_EXIT = True
+EARLY_EXIT_VARLEN = False
 EXIT_SEGMENTS = {"interpret": 6, "gpu": 8}
 # The compiled kernel of each launch, kept for benchmarks/ to report registers, spills and machine code.
 COMPILED = {}
@@ -690,11 +692,12 @@ def _scaled_f16(x, s):
 
 
 def _walks_can_stop(c, lo):
-    """Whether early exit applies to this call: lo (from the forward) is kept and some walk is longer than the
-    forward's first segment. Shorter walks cannot stop early (and ptxas crashed compiling the early-exit forward
-    for T = 1, which Triton specializes as a constant)."""
+    """Whether early exit applies to this call: lo (from the forward) is kept, the batch is not packed (unless
+    EARLY_EXIT_VARLEN), and some walk is longer than the forward's first segment. Shorter walks cannot stop early
+    (and ptxas crashed compiling the early-exit forward for T = 1, which Triton specializes as a constant)."""
     bm, bn = _config("fwd", max(c["block_d"], c["block_dv"]), c["dtype"], c["device"])[:2]
-    return lo.numel() > 0 and c["max_len"] > bm + _exit_segment(c) * bn
+    return (lo.numel() > 0 and (EARLY_EXIT_VARLEN or not c["varlen"])
+            and c["max_len"] > bm + _exit_segment(c) * bn)
 
 
 def _exit_segment(c):

@@ -276,13 +276,21 @@ def _loads_per_kernel(q, k, v, scale, attend_current, cu):
 def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_current, varlen, monkeypatch):
     """Stopping the walks once every row's stick is below 2^-160 changes no bit of o, rem, dq, dk, dv (what it
     skips rounds to 0), and it does stop: the forward and the key-major kernel load less (counted under the
-    interpreter). Sticks that last (the long regime) take the forward's one-loop walk: same bits, same loads."""
+    interpreter). Sticks that last (the long regime) take the forward's one-loop walk: same bits, same loads.
+    Packed batches take it only with EARLY_EXIT_VARLEN as well (off by default: they walk everything)."""
     T = 448
     q, k, v, scale = make_inputs(regime, 1, 2, 1, T, 16, 16, dtype, seed=12)
     cu = torch.tensor([0, 300, T], dtype=torch.int32, device=DEVICE) if varlen else None
+    if varlen and DEVICE == "cpu":
+        monkeypatch.setattr(K, "EARLY_EXIT", True)
+        by_default = key_elements_loaded(lambda k: K._forward(q, k, v, scale, attend_current, cu, 300), (k,), 0)
+        monkeypatch.setattr(K, "EARLY_EXIT", False)
+        walking_all = key_elements_loaded(lambda k: K._forward(q, k, v, scale, attend_current, cu, 300), (k,), 0)
+        assert by_default == walking_all, "a packed batch should walk everything unless EARLY_EXIT_VARLEN"
     results, loads = {}, {}
     for on in (False, True):
         monkeypatch.setattr(K, "EARLY_EXIT", on)
+        monkeypatch.setattr(K, "EARLY_EXIT_VARLEN", on)
         results[on] = _outputs_and_grads(q, k, v, scale, attend_current, cu)
         if DEVICE == "cpu":
             loads[on] = _loads_per_kernel(q, k, v, scale, attend_current, cu)

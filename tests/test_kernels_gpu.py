@@ -101,6 +101,7 @@ def test_early_exit_is_exact_gpu(regime, dtype, varlen, monkeypatch):
     results = {}
     for on in (False, True):
         monkeypatch.setattr(K, "EARLY_EXIT", on)
+        monkeypatch.setattr(K, "EARLY_EXIT_VARLEN", on)
         results[on] = _outputs_and_grads(q, k, v, scale, regime == "saturated", cu)
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a, b), f"{name} changed with early exit: largest difference {(a - b).abs().max():.2e}"
