@@ -826,8 +826,10 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens, max_len):
                       OP_DTYPE=tl.float16 if c["f16"] else c["dot_dtype"], SPLIT_A=c["split_a"],
                       EXIT_SEGMENT=_exit_segment(c), **extra, **_kernel_args(c, attend_current, c["dot_dtype"]))
         COMPILED["fwd"] = _fwd_kernel[grid](*args, EARLY_EXIT=exit_early, REDO=False, **kwargs)
-        if exit_early:
-            # NaN in, NaN out: blocks that stopped early in a head with a non-finite key or value walk everything
+        # NaN in, NaN out: blocks that stopped early in a head with a non-finite key or value walk everything. On
+        # a GPU the second launch always runs (reading the flags would wait for the GPU); CPU tensors (Triton's
+        # interpreter, where a launch is dear) read them first
+        if exit_early and (q.device.type == "cuda" or bool(table[..., 1].any())):
             _fwd_kernel[grid](*args, EARLY_EXIT=False, REDO=True, **kwargs)
     return o, rem, lo
 
