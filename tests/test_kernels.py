@@ -254,19 +254,22 @@ def _loads_per_kernel(q, k, v, scale, attend_current, cu):
     interpreter, sb_ref.testing's counter): the forward and the query-major kernel from k, the key-major one from q
     (the operands the backward reads, float16 copies for bfloat16 inputs)."""
     max_len = K._max_seqlen(q.shape[2], cu)
-    o, rem, lo = K._forward(q, k, v, scale, attend_current, cu, max_len)
+    # each kernel runs once, counted; its outputs feed the next
+    out = {}
+    loads = {"forward": key_elements_loaded(
+        lambda k: out.update(fwd=K._forward(q, k, v, scale, attend_current, cu, max_len)), (k,), key_index=0)}
+    o, rem, lo = out["fwd"]
     c = dict(K._common(q, k, v, cu, max_len), scale=scale, lo=None)
     c["lo"] = lo if K._walks_can_stop(c, lo) else None
     drem = torch.ones_like(rem)
     ops = K._backward_operands(c, torch.ones_like(o), drem * rem, q, k, v)
-    _, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, attend_current)
     q_op, k_op = ops[1], ops[2]
-    return {"forward": key_elements_loaded(lambda k: K._forward(q, k, v, scale, attend_current, cu, max_len), (k,),
-                                           key_index=0),
-            "query-major": key_elements_loaded(lambda _: K._backward_dq(c, ops, drem, rem, attend_current), (k_op,),
-                                               key_index=0),
-            "key-major": key_elements_loaded(lambda _: K._backward_dkdv(c, ops, delta_g, tw, tr.clone(), chunk,
-                                                                        attend_current), (q_op,), key_index=0)}
+    loads["query-major"] = key_elements_loaded(
+        lambda _: out.update(dq=K._backward_dq(c, ops, drem, rem, attend_current)), (k_op,), key_index=0)
+    _, delta_g, tw, tr, chunk = out["dq"]
+    loads["key-major"] = key_elements_loaded(
+        lambda _: K._backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current), (q_op,), key_index=0)
+    return loads
 
 
 @pytest.mark.parametrize("regime,dtype,attend_current,varlen", [("random", torch.bfloat16, False, False),
