@@ -148,8 +148,8 @@ def sweep(shapes, lengths, top=8):
         for T in lengths:
             q, k, v, lens = problem(B, Hq, Hk, D, T)
             nbytes = decode_bytes(B, Hq, Hk, T, D)
-            planned = KD.plan(B, Hq, Hk, 1, T, q.device)[2]
-            items = B * Hk * KD.plan(B, Hq, Hk, 1, T, q.device)[1]
+            _, n_rb, planned = KD.plan(B, Hq, Hk, 1, T, q.device)
+            items = B * Hk * n_rb
             splits = sorted({planned} | {max(1, min(T // 128, triton.cdiv(p * sms, items)))
                                          for p in (1, 2, 3, 4, 6, 8)})
             rows = []

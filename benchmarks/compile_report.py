@@ -152,8 +152,7 @@ def main():
                         f.write(text)
     print("\nOne iteration of the hot loop (one tile), clocks per SM at best:\n")
     print("| kernel | D | tile (BLOCK_M x BLOCK_N) | instructions per warp = issue clocks | MUFU per warp "
-          "| MUFU clocks | "
-          "tensor-core clocks | issue / tensor |")
+          "| MUFU clocks | tensor-core clocks | issue / tensor |")
     print("|---" * 8 + "|")
     for name, dim, tiles, loop in loops:
         if loop is None:

@@ -691,13 +691,18 @@ def _scaled_f16(x, s):
     return y
 
 
+def _exit_rows(B, H, T, cu_seqlens):
+    """The shape of lo, the first key each row's walk reached: (B, H, T) where early exit applies to the call (a
+    packed batch only with EARLY_EXIT_VARLEN), else empty."""
+    return (B, H, T) if EARLY_EXIT and (EARLY_EXIT_VARLEN or cu_seqlens is None) else (0,)
+
+
 def _walks_can_stop(c, lo):
-    """Whether early exit applies to this call: lo (from the forward) is kept, the batch is not packed (unless
-    EARLY_EXIT_VARLEN), and some walk is longer than the forward's first segment. Shorter walks cannot stop early
-    (and ptxas crashed compiling the early-exit forward for T = 1, which Triton specializes as a constant)."""
+    """Whether early exit applies to this call: lo (from the forward) is kept and some walk is longer than the
+    forward's first segment. Shorter walks cannot stop early (and ptxas crashed compiling the early-exit forward
+    for T = 1, which Triton specializes as a constant)."""
     bm, bn = _config("fwd", max(c["block_d"], c["block_dv"]), c["dtype"], c["device"])[:2]
-    return (lo.numel() > 0 and (EARLY_EXIT_VARLEN or not c["varlen"])
-            and c["max_len"] > bm + _exit_segment(c) * bn)
+    return lo.numel() > 0 and c["max_len"] > bm + _exit_segment(c) * bn
 
 
 def _exit_segment(c):
@@ -815,7 +820,7 @@ def _forward(q, k, v, scale, attend_current, cu_seqlens, max_len):
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     bm, bn, warps, stages, scan_l, _, extra = _config("fwd", max(c["block_d"], c["block_dv"]), q.dtype,
                                                       q.device)
-    lo = torch.empty((B, H, T) if EARLY_EXIT else (0,), dtype=torch.int32, device=q.device)
+    lo = torch.empty(_exit_rows(B, H, T, cu_seqlens), dtype=torch.int32, device=q.device)
     exit_early = _walks_can_stop(c, lo)
     grid = (B * c["n_seq"] * H, triton.cdiv(c["max_len"], bm))
     if grid[1] > 0:
@@ -971,7 +976,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, att
 @_fwd_op.register_fake
 def _(q, k, v, scale, attend_current, cu_seqlens, max_len):
     B, H, T, _ = q.shape
-    lo = q.new_empty((B, H, T) if EARLY_EXIT else (0,), dtype=torch.int32)
+    lo = q.new_empty(_exit_rows(B, H, T, cu_seqlens), dtype=torch.int32)
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32), lo
 
 
