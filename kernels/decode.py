@@ -26,16 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRET, _TL_DTYPE, _dot_split, _load_tile, _log_sigmoids, _round
+from .config import DecodeConfig
+from .tile_math import INTERPRET, LOG2E, TL_DTYPE, dot_split, load_tile, log_sigmoids, round_to
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. one split of the cache
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_split_kernel(Q, K, V, LENS, O, REM, OP, SP, scale, HK, GROUP, TN, N_SPLIT, N_RB,
-                         s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
-                         s_ob, s_oh, s_ot, s_od,
+def _decode_split_kernel(Q, K, V, LENS, O, REM, OP, SP, s_q, s_k, s_v, s_o, scale, HK, GROUP, TN, N_SPLIT, N_RB,
                          D: tl.constexpr, DV: tl.constexpr, ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, SPLIT_A: tl.constexpr, A_SCALE: tl.constexpr,
                          PRECISION: tl.constexpr, FINAL: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -46,8 +45,7 @@ def _decode_split_kernel(Q, K, V, LENS, O, REM, OP, SP, scale, HK, GROUP, TN, N_
     i_bhk = i_bhr // N_RB
     i_b = i_bhk // HK
     i_hk = i_bhk % HK
-    # logits in base 2, as in the forward
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
 
     # rows: (q-head of the group, new token), token fastest, so row r of kv-head i_hk is q-head
     # i_hk * GROUP + r // TN, token r % TN, and (batch, kv-head, row) enumerates (batch, q-head, token) in order
@@ -58,7 +56,7 @@ def _decode_split_kernel(Q, K, V, LENS, O, REM, OP, SP, scale, HK, GROUP, TN, N_
     o_t = o_r % TN
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    p_q = Q + i_b * s_qb + o_h[:, None] * s_qh + o_t[:, None] * s_qt + o_d[None, :] * s_qd
+    p_q = Q + i_b * s_q[0] + o_h[:, None] * s_q[1] + o_t[:, None] * s_q[2] + o_d[None, :] * s_q[3]
     b_q = tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
@@ -75,8 +73,8 @@ def _decode_split_kernel(Q, K, V, LENS, O, REM, OP, SP, scale, HK, GROUP, TN, N_
     end = tl.minimum(start + split_len, seq_len)
     n_blocks = tl.where(end > start, tl.cdiv(end - start, BLOCK_N), 0)
 
-    K += i_b * s_kb + i_hk * s_kh
-    V += i_b * s_vb + i_hk * s_vh
+    K += i_b * s_k[0] + i_hk * s_k[1]
+    V += i_b * s_v[0] + i_hk * s_v[1]
     b_o = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     b_s = tl.zeros([BLOCK_R], dtype=tl.float32)
     for it in range(n_blocks):
@@ -84,24 +82,24 @@ def _decode_split_kernel(Q, K, V, LENS, O, REM, OP, SP, scale, HK, GROUP, TN, N_
         o_n = start + (n_blocks - 1 - it) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < end
         # keys past L are never loaded: garbage (even NaN) there cannot reach o
-        b_k = _load_tile(K, o_n, o_d, s_kt, s_kd, m_n, D, BLOCK_D, UPCAST)
-        b_v = _load_tile(V, o_n, o_dv, s_vt, s_vd, m_n, DV, BLOCK_DV, UPCAST)
+        b_k = load_tile(K, o_n, o_d, s_k[2], s_k[3], m_n, D, BLOCK_D, UPCAST)
+        b_v = load_tile(V, o_n, o_dv, s_v[2], s_v[3], m_n, DV, BLOCK_DV, UPCAST)
         b_z = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        b_lb, b_lom, _, _ = _log_sigmoids(b_z, DOT_DTYPE != tl.float32)
+        b_lb, b_lom, _, _ = log_sigmoids(b_z, DOT_DTYPE != tl.float32)
         m_vis = m_n[None, :] & (o_n[None, :] < lim[:, None])
         b_lom = tl.where(m_vis, b_lom, 0.0)
         # sum over the nearer keys of this tile (k > j): an exact reverse exclusive scan
         b_cum = tl.cumsum(b_lom, axis=1, reverse=True) - b_lom
         b_a = tl.where(m_vis, tl.exp2(b_lb + (b_s[:, None] + b_cum)), 0.0)
         # A in [0, 1], scaled by a power of two (float16: away from its subnormals), as hi + lo in 16 bits
-        b_o = _dot_split(b_a * A_SCALE, b_v, b_o, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
+        b_o = dot_split(b_a * A_SCALE, b_v, b_o, DOT_DTYPE, UPCAST, SPLIT_A, PRECISION)
         b_s += tl.sum(b_lom, axis=1)
     b_o = b_o * (1.0 / A_SCALE)
 
     if FINAL:
         # one split: this is the answer
-        p_o = O + i_b * s_ob + o_h[:, None] * s_oh + o_t[:, None] * s_ot + o_dv[None, :] * s_od
-        b_o = _round(b_o, O.dtype.element_ty, UPCAST)
+        p_o = O + i_b * s_o[0] + o_h[:, None] * s_o[1] + o_t[:, None] * s_o[2] + o_dv[None, :] * s_o[3]
+        b_o = round_to(b_o, O.dtype.element_ty, UPCAST)
         tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_r[:, None] & (o_dv[None, :] < DV))
         tl.store(REM + i_bhk * rows + o_r, tl.exp2(b_s), mask=m_r)
     else:
@@ -116,7 +114,7 @@ def _decode_split_kernel(Q, K, V, LENS, O, REM, OP, SP, scale, HK, GROUP, TN, N_
 # 2. the splits combined, nearest first
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_combine_kernel(OP, SP, O, REM, N_ROWS, HQ, TN, N_SPLIT, s_ob, s_oh, s_ot, s_od,
+def _decode_combine_kernel(OP, SP, O, REM, s_o, N_ROWS, HQ, TN, N_SPLIT,
                            DV: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
     o_g = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_g = o_g < N_ROWS
@@ -133,8 +131,8 @@ def _decode_combine_kernel(OP, SP, O, REM, N_ROWS, HQ, TN, N_SPLIT, s_ob, s_oh, 
     # row g is (batch, q-head, token) with the token fastest
     o_t = o_g % TN
     o_bh = o_g // TN
-    p_o = O + (o_bh // HQ)[:, None] * s_ob + (o_bh % HQ)[:, None] * s_oh + o_t[:, None] * s_ot + o_dv[None, :] * s_od
-    b_o = _round(b_o, O.dtype.element_ty, UPCAST)
+    p_o = O + (o_bh // HQ)[:, None] * s_o[0] + (o_bh % HQ)[:, None] * s_o[1] + o_t[:, None] * s_o[2] + o_dv[None, :] * s_o[3]
+    b_o = round_to(b_o, O.dtype.element_ty, UPCAST)
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_o)
     tl.store(REM + o_g, tl.exp2(b_s), mask=m_g)
 
@@ -142,54 +140,42 @@ def _decode_combine_kernel(OP, SP, O, REM, N_ROWS, HQ, TN, N_SPLIT, s_ob, s_oh, 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. launcher
 # ---------------------------------------------------------------------------------------------------------------
-# (BLOCK_N, num_warps, num_stages) by padded head dim; the interpreter takes small blocks so that small tests
-# cross blocks and splits. D = 128 from benchmarks/bench_decode.py --sweep on an H100 (bf16, B = 1 and 8, caches of
-# 4096 to 131072): 2 warps, 3 stages were among the fastest at every long cache; the others are not swept yet.
-DECODE_CONFIGS = {"interpret": (16, 4, 1), 64: (64, 4, 3), 128: (64, 2, 3), 256: (32, 4, 2)}
-# Splits of a sequence's cache: about SPLIT_KEYS[1] keys each (long runs of loads keep the cache streaming), but at
-# least one program per SM and at most PROGRAMS_PER_SM per SM over the work items, never fewer than SPLIT_KEYS[0]
-# keys per split (a short cache is one split, with no combine), at most MAX_SPLITS. The interpreter counts 4 SMs.
-PROGRAMS_PER_SM = 6
-SPLIT_KEYS = {"interpret": (32, 64), "gpu": (256, 4096)}
-MAX_SPLITS = 256
-# rows of a tile: the q-heads of a GQA group x the new tokens, padded to at least 16 (the products' minimum)
-MIN_ROWS, MAX_ROWS = 16, 64
-COMBINE_ROWS = 16
-
-
-def split_count(n_programs, max_len, sms, fewest_keys, aimed_keys):
-    """Splits per sequence for n_programs (batch x kv-head x row block) work items on sms SMs (see SPLIT_KEYS)."""
+def split_count(config, n_programs, max_len, sms, split_keys):
+    """Splits per sequence for n_programs (batch x kv-head x row block) work items on sms SMs: split_keys is
+    (fewest, aimed) keys per split (DecodeConfig)."""
+    fewest_keys, aimed_keys = split_keys
     n_programs = max(n_programs, 1)
     n = max(triton.cdiv(max_len, aimed_keys), triton.cdiv(sms, n_programs))
-    n = min(n, triton.cdiv(PROGRAMS_PER_SM * sms, n_programs), triton.cdiv(max_len, fewest_keys), MAX_SPLITS)
+    n = min(n, triton.cdiv(config.programs_per_sm * sms, n_programs), triton.cdiv(max_len, fewest_keys),
+            config.max_splits)
     return max(1, n)
 
 
-def num_splits(n_programs, max_len, device):
-    """split_count for this device: the GPU's SMs and SPLIT_KEYS["gpu"], or the interpreter's."""
+def num_splits(config, n_programs, max_len, device):
+    """split_count for this device: the GPU's SMs and config.split_keys, or the interpreter's."""
     if INTERPRET or device.type != "cuda":
-        return split_count(n_programs, max_len, 4, *SPLIT_KEYS["interpret"])
+        return split_count(config, n_programs, max_len, 4, config.interpreter_split_keys)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return split_count(n_programs, max_len, sms, *SPLIT_KEYS["gpu"])
+    return split_count(config, n_programs, max_len, sms, config.split_keys)
 
 
-def plan(B, Hq, Hk, Tn, max_len, device):
+def plan(config, B, Hq, Hk, Tn, max_len, device):
     """(rows per tile, row blocks per kv-head, splits) of a launch."""
     rows = (Hq // Hk) * Tn
-    block_r = min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(rows)))
+    block_r = min(config.max_rows, max(config.min_rows, triton.next_power_of_2(rows)))
     n_rb = triton.cdiv(rows, block_r)
-    return block_r, n_rb, num_splits(B * Hk * n_rb, max_len, device)
+    return block_r, n_rb, config.splits or num_splits(config, B * Hk * n_rb, max_len, device)
 
 
 def stick_breaking_decode_triton(q, k_cache, v_cache, cache_seqlens, scale: float, attend_current: bool,
-                                 max_seqlen: Optional[int] = None, num_splits_: Optional[int] = None):
+                                 max_seqlen: Optional[int] = None, config: DecodeConfig = DecodeConfig()):
     """(o, rem) of the Tn new queries against the cache, through the split-K decode kernels; inputs are validated
     by sb_ref.stick_breaking_decode.
 
     q (B, Hq, Tn, D), k_cache (B, Hk, Tmax, D), v_cache (B, Hk, Tmax, Dv) in one of float16/bfloat16/float32, any
     strides; cache_seqlens (B,) int32/int64 on q's device with Tn <= cache_seqlens[b] <= Tmax. max_seqlen (the
-    largest cache_seqlens, if the caller has it) saves a device sync; num_splits_ overrides the choice of splits
-    (tests). Returns o (B, Hq, Tn, Dv) in q.dtype and rem (B, Hq, Tn) float32. No gradient. Deterministic.
+    largest cache_seqlens, if the caller has it) saves a device sync; config: tiles and splits. Returns
+    o (B, Hq, Tn, Dv) in q.dtype and rem (B, Hq, Tn) float32. No gradient. Deterministic.
     """
     B, Hq, Tn, D = q.shape
     Hk, DV = k_cache.shape[1], v_cache.shape[-1]
@@ -201,11 +187,10 @@ def stick_breaking_decode_triton(q, k_cache, v_cache, cache_seqlens, scale: floa
     upcast = INTERPRET or q.device.type != "cuda"
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(DV))
-    block_n, warps, stages = DECODE_CONFIGS["interpret" if upcast else min(256, max(64, block_d, block_dv))]
+    block_n, warps, stages = config.tile(max(block_d, block_dv), upcast)
     if max_seqlen is None:
         max_seqlen = int(cache_seqlens.max())  # one sync
-    block_r, n_rb, n_split = plan(B, Hq, Hk, Tn, max_seqlen, q.device)
-    n_split = num_splits_ or n_split
+    block_r, n_rb, n_split = plan(config, B, Hq, Hk, Tn, max_seqlen, q.device)
     half = q.dtype != torch.float32
     # float16 A is scaled by 2^15 (A <= 1 stays below 65504) so that small weights keep float16's precision
     a_scale = 32768.0 if q.dtype == torch.float16 else 1.0
@@ -216,14 +201,14 @@ def stick_breaking_decode_triton(q, k_cache, v_cache, cache_seqlens, scale: floa
     else:
         o_part = s_part = rem  # unused
     _decode_split_kernel[(B * Hk * n_rb, n_split)](
-        q, k_cache, v_cache, cache_seqlens, o, rem, o_part, s_part, float(scale), Hk, group, Tn, n_split, n_rb,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o.stride(),
-        D=D, DV=DV, ATTEND_CURRENT=bool(attend_current), UPCAST=upcast, DOT_DTYPE=_TL_DTYPE[q.dtype],
-        SPLIT_A=half, A_SCALE=a_scale, PRECISION=precision, FINAL=n_split == 1, BLOCK_R=block_r,
-        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages)
+        q, k_cache, v_cache, cache_seqlens, o, rem, o_part, s_part, q.stride(), k_cache.stride(), v_cache.stride(),
+        o.stride(), float(scale), Hk, group, Tn, n_split, n_rb, D=D, DV=DV, ATTEND_CURRENT=bool(attend_current),
+        UPCAST=upcast, DOT_DTYPE=TL_DTYPE[q.dtype], SPLIT_A=half, A_SCALE=a_scale, PRECISION=precision,
+        FINAL=n_split == 1, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps,
+        num_stages=stages)
     if n_split > 1:
         n_rows = B * Hq * Tn
-        _decode_combine_kernel[(triton.cdiv(n_rows, COMBINE_ROWS),)](
-            o_part, s_part, o, rem, n_rows, Hq, Tn, n_split, *o.stride(), DV=DV, UPCAST=upcast,
-            BLOCK_R=COMBINE_ROWS, BLOCK_DV=block_dv, num_warps=4)
+        _decode_combine_kernel[(triton.cdiv(n_rows, config.combine_rows),)](
+            o_part, s_part, o, rem, o.stride(), n_rows, Hq, Tn, n_split, DV=DV, UPCAST=upcast,
+            BLOCK_R=config.combine_rows, BLOCK_DV=block_dv, num_warps=4)
     return o, rem
