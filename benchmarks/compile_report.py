@@ -2,8 +2,8 @@
 
     python benchmarks/compile_report.py [--dims 128,64] [--kernels fwd,dq,dkdv] [--out DIR]
 
-No GPU needed: the kernels of kernels/attention.py are compiled with `triton.compile` for
-`GPUTarget("cuda", 90, 32)`, with the tiles in CONFIGS for bfloat16 inputs (so the backward's operands are the
+No GPU needed: the kernels of kernels/forward.py and kernels/backward.py are compiled with `triton.compile` for
+`GPUTarget("cuda", 90, 32)`, with the tiles of the default LaunchConfig for bfloat16 inputs (so the backward's operands are the
 float16 copies it makes), and the ptxas and nvdisasm that ship with triton report on the result. Per kernel:
 registers, spill bytes, and counts of the SASS instructions that decide speed here: HGMMA (Hopper's wgmma
 tensor-core path) against HMMA (the older one), MUFU (the special-function unit: exp2), the float32 ALU
@@ -35,29 +35,33 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import sb_ref.kernels.attention as K  # noqa: E402
+import torch  # noqa: E402
+
+from sb_ref.kernels import LaunchConfig  # noqa: E402
+from sb_ref.kernels.backward import dkdv_kernel, dq_kernel  # noqa: E402
+from sb_ref.kernels.forward import forward_kernel  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "LOP3", "F2F", "F2FP", "LDL", "STL"]
-# pointer arguments by kernel, for bfloat16 inputs: the backward reads float16 copies (_backward_operands)
+# pointer arguments by kernel, for bfloat16 inputs: the backward reads float16 copies (operands.backward_operands)
 POINTERS = {
     "fwd": dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", LO="i32", CU="i32", SC="fp32"),
     "dq": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", REM="fp32", DREM="fp32", DQ="bf16", DELTA="fp32",
-               TW="fp32", TR="fp32", LO="i32", CU="i32", SC="fp32"),
+               TW="fp32", TR="fp32", CU="i32", SC="fp32"),
     "dkdv": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", DELTA="fp32", TW="fp32", TR="fp32", DK="bf16",
                  DV_="bf16", MB_STOP="i32", CU="i32", SC="fp32"),
 }
-KERNELS = {"fwd": K._fwd_kernel, "dq": K._bwd_dq_kernel, "dkdv": K._bwd_dkdv_kernel}
+KERNELS = {"fwd": forward_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel}
 
 
-def compile_kernel(name, dim):
+def compile_kernel(name, dim, config=LaunchConfig()):
     """triton.compile of one kernel as a launch with bfloat16 inputs of head dim `dim` would specialise it."""
     fn = KERNELS[name]
-    bm, bn, warps, stages, scan_l, scan_dl, extra = K._config(name, dim, K.torch.bfloat16, K.torch.device("cuda"))
+    tile = getattr(config.gpu.tiles(dim, torch.bfloat16), name)
     values = dict(D=dim, DV=dim, BLOCK_D=dim, BLOCK_DV=dim, VARLEN=False, ATTEND_CURRENT=False, UPCAST=False,
                   DOT_DTYPE=tl.bfloat16 if name == "fwd" else tl.float16, OP_DTYPE=tl.float16, PRECISION="ieee",
-                  SPLIT_A=False, SCAN_L=scan_l, SCAN_DL=scan_dl, EARLY_EXIT=K.EARLY_EXIT, REDO=False,
-                  EXIT_SEGMENT=K.EXIT_SEGMENTS["gpu"], BLOCK_M=bm, BLOCK_N=bn)
+                  SPLIT_A=False, SCAN_L=tile.scan_l, SCAN_DL=tile.scan_dl, EARLY_EXIT=config.early_exit,
+                  REDO=False, EXIT_SEGMENT=config.gpu.exit_segment, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
     signature, constexprs, attrs = {}, {}, {}
     for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
@@ -67,15 +71,20 @@ def compile_kernel(name, dim):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg == "scale":
             signature[arg] = "fp32"
-        elif arg.startswith("s_") and arg.endswith("d"):
-            signature[arg], constexprs[arg] = "constexpr", 1  # unit strides are specialised to 1 at launch
+        elif arg.startswith("s_"):
+            # (batch, head, time, dim) strides: the dim's unit stride is specialised to 1 at launch, the others
+            # are multiples of 16
+            signature[arg] = ("i32", "i32", "i32", "constexpr")
+            constexprs[(i, 3)] = 1
+            for j in range(3):
+                attrs[(i, j)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "i32"
-            if arg.startswith("s_") or arg in ("T", "CHUNK"):
+            if arg in ("T", "CHUNK"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    options = dict(num_warps=warps, num_stages=stages, **extra)
+    options = dict(tile.launch_options())
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=options), (bm, bn, warps, stages, extra.get("maxnreg"))
+                          options=options), (tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, tile.maxnreg)
 
 
 def report(compiled):

@@ -67,7 +67,7 @@ def _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, m_m, K, V, s_k, s_v, TW, 
 
 
 @triton.jit
-def dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, s_q, s_k, s_v, s_do, scale, CHUNK, N_CHUNKS, T, H,
+def dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, CHUNK, N_CHUNKS, s_q, s_k, s_v, s_do, H,
               GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr, VARLEN: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
               UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
               SCAN_DL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -165,7 +165,7 @@ def _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, Q, DO, s_q, s_do, DELTA, TW, TR, seq
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, MB_STOP, CU, SC, s_q, s_k, s_v, s_do, scale, CHUNK, N_CHUNKS, T,
+def dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, MB_STOP, CU, SC, scale, T, CHUNK, N_CHUNKS, s_q, s_k, s_v, s_do,
                 H, GROUP, N_SEQ, D: tl.constexpr, DV: tl.constexpr, VARLEN: tl.constexpr,
                 ATTEND_CURRENT: tl.constexpr, UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                 SCAN_L: tl.constexpr, SCAN_DL: tl.constexpr, EARLY_EXIT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -210,8 +210,8 @@ def dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, MB_STOP, CU, SC, s_q, s_k, 
         mb_full = tl.minimum(tl.cdiv(n0 + BLOCK_N - seq_start, BLOCK_M), mb_end)
         for g in range(GROUP):
             i_h = i_hk * GROUP + g
-            p_q = Q + i_b * s_q[0] + i_h * s_q[1]
-            p_do = DO + i_b * s_do[0] + i_h * s_do[1]
+            off_q = i_b * s_q[0] + i_h * s_q[1]
+            off_do = i_b * s_do[0] + i_h * s_do[1]
             off_row = (i_b * H + i_h) * T
             off_tab = ((i_b * H + i_h) * N_CHUNKS + i_c) * T
             if EARLY_EXIT:
@@ -220,13 +220,13 @@ def dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, MB_STOP, CU, SC, s_q, s_k, 
                 mb_stop = tl.where(tl.load(SC + BWD_NONFINITE) != 0, mb_end, mb_stop)
             else:
                 mb_stop = mb_end
-            b_dkt, b_dvt = _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, p_q, p_do, s_q, s_do, DELTA + off_row,
+            b_dkt, b_dvt = _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, Q + off_q, DO + off_do, s_q, s_do, DELTA + off_row,
                                       TW + off_tab, TR + off_tab, seq_start, seq_end, mb_lo, mb_full, qk_scale,
                                       dz_scale, TRI_L, TRI_C, MASKED=True, ATTEND_CURRENT=ATTEND_CURRENT,
                                       UPCAST=UPCAST, DOT_DTYPE=DOT_DTYPE, PRECISION=PRECISION, SCAN_L=SCAN_L,
                                       SCAN_DL=SCAN_DL, D=D, DV=DV, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
                                       BLOCK_DV=BLOCK_DV)
-            b_dkt, b_dvt = _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, p_q, p_do, s_q, s_do, DELTA + off_row,
+            b_dkt, b_dvt = _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, Q + off_q, DO + off_do, s_q, s_do, DELTA + off_row,
                                       TW + off_tab, TR + off_tab, seq_start, seq_end, mb_full, mb_stop, qk_scale,
                                       dz_scale, TRI_L, TRI_C, MASKED=False, ATTEND_CURRENT=ATTEND_CURRENT,
                                       UPCAST=UPCAST, DOT_DTYPE=DOT_DTYPE, PRECISION=PRECISION, SCAN_L=SCAN_L,

@@ -25,7 +25,7 @@ SLOW_WEAR = tl.constexpr(-16.0)
 # The forward's per-kv-head table (operands.forward_table): [1 / the scale of v's copy, the non-finite flag].
 FWD_V_SCALE = tl.constexpr(0)
 FWD_NONFINITE = tl.constexpr(1)
-FWD_TABLE = 2
+FWD_TABLE = tl.constexpr(2)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ def forward(p, q, k, v, scale, attend_current, record=None):
     # NaN in, NaN out: blocks that stopped early in a head with a non-finite key or value walk everything. On a GPU
     # the second launch always runs (reading the flags would wait for the GPU); CPU tensors (Triton's interpreter,
     # where a launch is dear) read them first
-    if exit_early and (q.device.type == "cuda" or bool(table[..., FWD_NONFINITE].any())):
+    if exit_early and (q.device.type == "cuda" or bool(table[..., FWD_NONFINITE.value].any())):
         launch(False, True)
     return o, rem, lo
 
@@ -65,8 +65,8 @@ def backward_dq(p, ops, drem, rem, scale, attend_current, record=None):
     assert chunk % tile.block_m == 0 and chunk % tile.block_n == 0
     grid = (p.B * p.n_seq * p.H, triton.cdiv(p.max_len, tile.block_m))
     compiled = dq_kernel[grid](
-        q, k, v, do, rem, drem, dq, delta_g, tw, tr, p.cu, table, q.stride(), k.stride(), v.stride(), do.stride(),
-        float(scale), chunk, n_chunks, **p.sizes(q.dtype), ATTEND_CURRENT=bool(attend_current), SCAN_L=tile.scan_l,
+        q, k, v, do, rem, drem, dq, delta_g, tw, tr, p.cu, table, scale=float(scale), CHUNK=chunk,
+        N_CHUNKS=n_chunks, s_q=q.stride(), s_k=k.stride(), s_v=v.stride(), s_do=do.stride(), **p.sizes(q.dtype), ATTEND_CURRENT=bool(attend_current), SCAN_L=tile.scan_l,
         SCAN_DL=tile.scan_dl, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **tile.launch_options())
     if record is not None:
         record["dq"] = compiled
@@ -95,8 +95,8 @@ def backward_dkdv(p, ops, lo, delta_g, tw, tr, chunk, scale, attend_current, rec
     n_chunks = tw.shape[2]
     mb_stop = tw if lo is None else exit_bounds(p, lo, tile.block_m, tile.block_n)
     compiled = dkdv_kernel[(p.B * p.n_seq * hk, n_chunks)](
-        q, k, v, do, delta_g, tw, tr, dk, dv, mb_stop, p.cu, table, q.stride(), k.stride(), v.stride(), do.stride(),
-        float(scale), chunk, n_chunks, **p.sizes(q.dtype), ATTEND_CURRENT=bool(attend_current), SCAN_L=tile.scan_l,
+        q, k, v, do, delta_g, tw, tr, dk, dv, mb_stop, p.cu, table, scale=float(scale), CHUNK=chunk,
+        N_CHUNKS=n_chunks, s_q=q.stride(), s_k=k.stride(), s_v=v.stride(), s_do=do.stride(), **p.sizes(q.dtype), ATTEND_CURRENT=bool(attend_current), SCAN_L=tile.scan_l,
         SCAN_DL=tile.scan_dl, EARLY_EXIT=lo is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         **tile.launch_options())
     if record is not None:

@@ -24,7 +24,7 @@ BWD_DK = tl.constexpr(4)
 BWD_DV = tl.constexpr(5)
 BWD_LOG2_DZ = tl.constexpr(6)
 BWD_NONFINITE = tl.constexpr(7)
-BWD_TABLE = 8
+BWD_TABLE = tl.constexpr(8)
 
 
 def group_amax(x, hk):
@@ -84,7 +84,7 @@ def forward_table(v, copy):
     early-exit forward sets where the kv-head's k or v holds a NaN or an infinity. With copy (f16 products of a
     bfloat16 v), v goes in as a float16 copy and o is scaled back; else v itself and 1."""
     B, hk = v.shape[:2]
-    table = torch.empty(B, hk, FWD_TABLE, dtype=torch.float32, device=v.device)
+    table = torch.empty(B, hk, FWD_TABLE.value, dtype=torch.float32, device=v.device)
     s = torch.empty(B, hk, dtype=torch.float32, device=v.device) if copy else None
     # without a copy the unused pointers get the table (a kernel takes tensors where a launch may leave them out)
     _forward_table_kernel[(triton.cdiv(B * hk, 128),)](group_amax(v, hk) if copy else table,
@@ -153,7 +153,7 @@ def backward_operands(scale, DV, do, g, q, k, v):
     amax = torch.stack([group_amax(x, hk) for x in (q, k, v, do, g)])
     copy = q.dtype == torch.bfloat16
     s = torch.empty(4, B, hk, dtype=torch.float32, device=q.device) if copy else None
-    table = torch.empty(B, hk, BWD_TABLE, dtype=torch.float32, device=q.device)
+    table = torch.empty(B, hk, BWD_TABLE.value, dtype=torch.float32, device=q.device)
     _backward_table_kernel[(triton.cdiv(B * hk, 128),)](amax, table if s is None else s, table, B * hk,
                                                         float(scale), DV, COPY=copy, DZ=q.dtype != torch.float32,
                                                         BLOCK=128)
