@@ -1,63 +1,10 @@
-"""Decoding: ``stick_breaking_decode``, a few new queries against a key/value cache (generation), its input checks
-and its PyTorch path."""
+"""Decoding: ``stick_breaking_decode``, a few new queries against a key/value cache (generation), and its PyTorch
+path (its inputs are checked in :mod:`sb_ref.validation`)."""
 import torch
 import torch.nn.functional as F
 
-from .attention import _check_options, _check_tensor, _check_triton_inputs, _choose_backend
+from .validation import choose_backend, triton_kernels, validate_decode
 from .weights import reverse_exclusive_cumsum
-
-
-def _check_cache_seqlens(cache_seqlens, q, T_max):
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError("cache_seqlens must be a torch.Tensor of int32 or int64 (B,), got "
-                        f"{type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cache_seqlens must hold int32 or int64 lengths, got {cache_seqlens.dtype}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
-    B, Tn = q.shape[0], q.shape[2]
-    if cache_seqlens.shape != (B,):
-        raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
-    if B == 0:
-        return 0
-    lo, hi = (int(x) for x in torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist())  # one sync
-    if lo < Tn or hi > T_max:
-        raise ValueError(f"cache_seqlens must lie in [Tn, Tmax] = [{Tn}, {T_max}] (each length counts the Tn new "
-                         f"tokens, already in the cache), got values from {lo} to {hi}")
-    return hi
-
-
-def _validate_decode(q, k_cache, v_cache, cache_seqlens, scale, attend_current, return_remainder, backend):
-    _check_tensor("q", q, "(B, Hq, Tn, D)")
-    _check_tensor("k_cache", k_cache, "(B, Hk, Tmax, D)")
-    _check_tensor("v_cache", v_cache, "(B, Hk, Tmax, Dv)")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype} and "
-                        f"{v_cache.dtype}")
-    if not (q.device == k_cache.device == v_cache.device):
-        raise ValueError(f"q, k_cache and v_cache must be on one device, got {q.device}, {k_cache.device} and "
-                         f"{v_cache.device}")
-    (B, Hq, Tn, D), (Bk, Hk, Tk, Dk), (Bv, Hv, Tv, Dv) = q.shape, k_cache.shape, v_cache.shape
-    if not (B == Bk == Bv):
-        raise ValueError(f"q, k_cache and v_cache must share the batch size B, got {B}, {Bk} and {Bv}")
-    if Tk != Tv:
-        raise ValueError(f"k_cache and v_cache must share the cache length Tmax, got {Tk} and {Tv}")
-    if D != Dk:
-        raise ValueError(f"q and k_cache must share the head dim D, got {D} and {Dk}")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"head dims must be positive, got D = {D} and Dv = {Dv}")
-    if Hk != Hv:
-        raise ValueError(f"k_cache and v_cache must have the same number of heads Hk, got {Hk} and {Hv}")
-    if Hk == 0 or Hq % Hk != 0:
-        raise ValueError(f"the query heads Hq must be a multiple of the key/value heads Hk (grouped-query "
-                         f"attention), got Hq = {Hq} and Hk = {Hk}")
-    if Tn > Tk:
-        raise ValueError(f"q holds more new tokens than the cache has room for: Tn = {Tn} > Tmax = {Tk}")
-    _check_options(scale, attend_current, return_remainder, backend)
-    max_len = _check_cache_seqlens(cache_seqlens, q, Tk)
-    if backend == "triton":
-        _check_triton_inputs(q)
-    return max_len
 
 
 def _decode_torch(q, k_cache, v_cache, cache_seqlens, scale, attend_current, max_len):
@@ -118,8 +65,7 @@ def stick_breaking_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, att
         >>> o.shape, rem.shape
         (torch.Size([2, 4, 1, 16]), torch.Size([2, 4, 1]))
     """
-    max_len = _validate_decode(q, k_cache, v_cache, cache_seqlens, scale, attend_current, return_remainder,
-                               backend)
+    max_len = validate_decode(q, k_cache, v_cache, cache_seqlens, scale, attend_current, return_remainder, backend)
     B, Hq, Tn, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     rem_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -127,10 +73,9 @@ def stick_breaking_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, att
         if Tn == 0 or B == 0:
             o = q.new_zeros(B, Hq, Tn, v_cache.shape[-1])
             rem = torch.ones(B, Hq, Tn, dtype=rem_dtype, device=q.device)
-        elif _choose_backend(backend, q) == "triton":
-            from .kernels import stick_breaking_decode_triton
-            o, rem = stick_breaking_decode_triton(q, k_cache, v_cache, cache_seqlens, scale, attend_current,
-                                                  max_seqlen=max_len)
+        elif choose_backend(backend, q) == "triton":
+            _, decode_triton = triton_kernels()
+            o, rem = decode_triton(q, k_cache, v_cache, cache_seqlens, scale, attend_current, max_seqlen=max_len)
         else:
             o, rem = _decode_torch(q, k_cache, v_cache, cache_seqlens, scale, attend_current, max_len)
     return (o, rem) if return_remainder else o

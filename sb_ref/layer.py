@@ -5,8 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import BACKENDS, stick_breaking_attention
+from .attention import stick_breaking_attention
 from .decode import stick_breaking_decode
+from .validation import check_backend
 
 REMAINDER_MODES = ("self", "bias", "none")
 
@@ -110,8 +111,7 @@ class StickBreakingSelfAttention(nn.Module):
             raise ValueError(f"remainder must be one of {REMAINDER_MODES}, got {remainder!r}")
         if not isinstance(attend_current, bool):
             raise TypeError(f"attend_current must be a bool, got {type(attend_current).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.remainder, self.attend_current, self.backend = remainder, attend_current, backend

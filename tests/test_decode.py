@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import sb_ref
 from sb_ref.kernels import stick_breaking_decode_triton
+from sb_ref.kernels import DecodeConfig
 from sb_ref.kernels import decode as KD
 from sb_ref.testing import make_inputs, oracle_attention, rel_err
 
@@ -107,28 +108,27 @@ def test_kernel_any_number_of_splits_and_head_dim_64(splits):
     for Hq, Hk in ((2, 2), (8, 2)):
         full, (q, kc, vc, sl) = decode_problem("random", lens, Hq, Hk, 64, 64, 64, 2, torch.float32, seed=splits)
         for attend_current in (True, False):
-            o, rem = stick_breaking_decode_triton(q, kc, vc, sl, 0.2, attend_current, num_splits_=splits)
+            o, rem = stick_breaking_decode_triton(q, kc, vc, sl, 0.2, attend_current, config=DecodeConfig(splits=splits))
             ref = oracle_decode(full, lens, 2, attend_current, scale=0.2)
             check(o, rem, *ref, torch.float32, f"{splits} splits, Hq={Hq}, Hk={Hk}")
 
 
-def test_kernel_many_rows_take_several_row_blocks(monkeypatch):
+def test_kernel_many_rows_take_several_row_blocks():
     # 8 q-heads per kv-head x 3 tokens = 24 rows, in tiles of 16 rows: two row blocks per kv-head
-    monkeypatch.setattr(KD, "MAX_ROWS", 16)
     lens = [45, 3]
     full, (q, kc, vc, sl) = decode_problem("long", lens, 8, 1, 48, 16, 16, 3, torch.float32, seed=3)
-    o, rem = stick_breaking_decode_triton(q, kc, vc, sl, 0.25, True, num_splits_=3)
+    o, rem = stick_breaking_decode_triton(q, kc, vc, sl, 0.25, True, config=DecodeConfig(splits=3, max_rows=16))
     check(o, rem, *oracle_decode(full, lens, 3, True), torch.float32, "two row blocks")
 
 
 def test_kernel_is_deterministic_and_ignores_the_cache_past_each_length():
     lens = [64, 5]
     _, (q, kc, vc, sl) = decode_problem("random", lens, 4, 2, 80, 32, 32, 1, torch.bfloat16, garbage=False)
-    o1, r1 = stick_breaking_decode_triton(q, kc, vc, sl, 32 ** -0.5, True, num_splits_=4)
+    o1, r1 = stick_breaking_decode_triton(q, kc, vc, sl, 32 ** -0.5, True, config=DecodeConfig(splits=4))
     for b, L in enumerate(lens):
         kc[b, :, L:] = float("nan")
         vc[b, :, L:] = float("inf")
-    o2, r2 = stick_breaking_decode_triton(q, kc, vc, sl, 32 ** -0.5, True, num_splits_=4)
+    o2, r2 = stick_breaking_decode_triton(q, kc, vc, sl, 32 ** -0.5, True, config=DecodeConfig(splits=4))
     assert torch.equal(o1, o2) and torch.equal(r1, r2)
     assert torch.isfinite(o1).all()
 
@@ -145,18 +145,19 @@ def test_auto_backend_and_no_gradient():
 
 def test_number_of_splits():
     # the split counts that bench_decode.py --sweep found fastest on an H100 (132 SMs, (B, 32, 8, 128), bf16)
-    h100 = dict(sms=132, fewest_keys=256, aimed_keys=4096)
-    assert KD.split_count(64, 131072, **h100) == 13  # B = 8: 6 programs per SM
-    assert KD.split_count(8, 131072, **h100) == 32  # B = 1: 4096 keys per split (33 measured)
-    assert KD.split_count(8, 32768, **h100) == 17  # B = 1: one program per SM
-    assert KD.split_count(64, 4096, **h100) == 3
-    assert KD.split_count(8, 4096, **h100) == 16  # (17 measured) at least 256 keys per split
-    assert KD.split_count(8, 100, **h100) == 1  # a short cache is one split
-    assert KD.split_count(1, 10 ** 7, **h100) == KD.MAX_SPLITS
+    config = DecodeConfig()
+    h100 = dict(sms=132, split_keys=(256, 4096))
+    assert KD.split_count(config, 64, 131072, **h100) == 13  # B = 8: 6 programs per SM
+    assert KD.split_count(config, 8, 131072, **h100) == 32  # B = 1: 4096 keys per split (33 measured)
+    assert KD.split_count(config, 8, 32768, **h100) == 17  # B = 1: one program per SM
+    assert KD.split_count(config, 64, 4096, **h100) == 3
+    assert KD.split_count(config, 8, 4096, **h100) == 16  # (17 measured) at least 256 keys per split
+    assert KD.split_count(config, 8, 100, **h100) == 1  # a short cache is one split
+    assert KD.split_count(config, 1, 10 ** 7, **h100) == config.max_splits
     cpu = torch.device("cpu")
-    assert KD.num_splits(6, 20, cpu) == 1
-    assert KD.num_splits(1, 10_000, cpu) == 24  # the interpreter's 4 SMs, 6 programs each
-    assert KD.num_splits(100, 10_000, cpu) == 1
+    assert KD.num_splits(config, 6, 20, cpu) == 1
+    assert KD.num_splits(config, 1, 10_000, cpu) == 24  # the interpreter's 4 SMs, 6 programs each
+    assert KD.num_splits(config, 100, 10_000, cpu) == 1
 
 
 def test_empty_batch_of_new_tokens():
@@ -315,5 +316,5 @@ def test_gpu_deterministic_and_splits_agree():
     assert torch.equal(o1, o2) and torch.equal(r1, r2)
     ref = reference_decode(q, kc, vc, lens, True)
     for splits in (1, 7, 64):
-        check(*stick_breaking_decode_triton(q, kc, vc, sl, 128 ** -0.5, True, num_splits_=splits), *ref,
+        check(*stick_breaking_decode_triton(q, kc, vc, sl, 128 ** -0.5, True, config=DecodeConfig(splits=splits)), *ref,
               torch.bfloat16, f"{splits} splits")

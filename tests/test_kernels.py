@@ -13,8 +13,9 @@ from reference import attention, rel_err
 import triton
 import triton.language as tl
 
-import sb_ref.kernels.attention as K
+from sb_ref.kernels import LaunchConfig, op, operands, tile_math
 from sb_ref.kernels import stick_breaking_attention_triton
+from sb_ref.kernels.config import Problem
 from sb_ref.testing.speed import key_elements_loaded
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +27,7 @@ TOL = {torch.float32: (1e-5, 3e-5), torch.bfloat16: (2.5e-3, 3e-3), torch.float1
 def _log2_1p_kernel(E, OUT, N, SHORT: tl.constexpr, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
-    tl.store(OUT + o, -K._neg_log2_1p(tl.load(E + o, mask=m, other=0.0), SHORT), mask=m)
+    tl.store(OUT + o, -tile_math.neg_log2_1p(tl.load(E + o, mask=m, other=0.0), SHORT), mask=m)
 
 
 @pytest.mark.parametrize("short,bound", [(False, 2e-7), (True, 1e-5)])
@@ -62,12 +63,12 @@ def make_inputs(regime, B, Hq, Hk, T, D, Dv, dtype, seed=0, scale=None):
 
 
 def run_and_check(q, k, v, scale, attend_current, cu_seqlens=None, seed=1, check_grads=True, label="",
-                  grad_scale=1.0):
+                  grad_scale=1.0, config=LaunchConfig()):
     """Forward and backward (through o and rem) against the oracle on the same rounded inputs; returns errors.
     The output gradients are N(0, grad_scale^2)."""
     g = torch.Generator().manual_seed(seed)
     q.grad = k.grad = v.grad = None
-    o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens)
+    o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens, config=config)
     assert o.dtype == q.dtype and o.shape == (*q.shape[:-1], v.shape[-1])
     assert rem.dtype == torch.float32 and rem.shape == q.shape[:-1]
     go = (grad_scale * torch.randn(o.shape, generator=g)).to(q.dtype).to(q.device)
@@ -109,7 +110,7 @@ def test_bfloat16_far_outside_float16_range(v_scale, grad_scale):
 @triton.jit
 def _pow2_scale_kernel(AMAX, S, N, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(S + o, K._pow2_scale(tl.load(AMAX + o, mask=o < N, other=0.0)), mask=o < N)
+    tl.store(S + o, tile_math.pow2_scale(tl.load(AMAX + o, mask=o < N, other=0.0)), mask=o < N)
 
 
 def _pow2_scales(amax):
@@ -139,24 +140,23 @@ def test_float16_copies_keep_every_bfloat16_bit():
     g = torch.Generator().manual_seed(4)
     spread = torch.exp2(torch.randint(-16, 16, (2, 4, 64, 32), generator=g).float())
     x = (torch.randn(2, 4, 64, 32, generator=g) * spread).to(torch.bfloat16).to(DEVICE)
-    s = _pow2_scales(K._group_amax(x, 2))
+    s = _pow2_scales(operands.group_amax(x, 2))
     assert s.shape == (2, 2) and torch.all(torch.log2(s) == torch.round(torch.log2(s)))
-    back = K._scaled_f16(x, s).double() / s.double().repeat_interleave(2, 1)[:, :, None, None]
-    amax = K._group_amax(x, 2).double().repeat_interleave(2, 1)[:, :, None, None]
+    back = operands.scaled_f16(x, s).double() / s.double().repeat_interleave(2, 1)[:, :, None, None]
+    amax = operands.group_amax(x, 2).double().repeat_interleave(2, 1)[:, :, None, None]
     normal = x.double().abs() >= amax * 2.0 ** -27
     assert 0.5 < normal.float().mean() < 1  # most values, and some below float16's normal range
     assert torch.equal(back[normal], x.double()[normal])
     assert ((back - x.double()).abs() <= amax * 2.0 ** -37).all()
     # any strides in, the same copy out
-    assert torch.equal(K._scaled_f16(x.transpose(2, 3).contiguous().transpose(2, 3), s), K._scaled_f16(x, s))
+    assert torch.equal(operands.scaled_f16(x.transpose(2, 3).contiguous().transpose(2, 3), s), operands.scaled_f16(x, s))
 
 
 @pytest.mark.parametrize("regime", ["random", "saturated"])
-def test_bfloat16_split_products(regime, monkeypatch):
+def test_bfloat16_split_products(regime):
     # the alternative to the forward's float16 product: A as a bfloat16 hi + lo pair
-    monkeypatch.setattr(K, "F16_PRODUCTS", False)
     q, k, v, scale = make_inputs(regime, 1, 2, 1, 100, 48, 48, torch.bfloat16, seed=5)
-    run_and_check(q, k, v, scale, True, label=f"split {regime}")
+    run_and_check(q, k, v, scale, True, label=f"split {regime}", config=LaunchConfig(f16_products=False))
 
 
 @pytest.mark.parametrize("D,Dv", [(16, 16), (64, 64), (64, 16), (16, 80)])
@@ -239,8 +239,8 @@ def test_deterministic_backward():
         assert torch.equal(a, b)
 
 
-def _outputs_and_grads(q, k, v, scale, attend_current, cu_seqlens=None):
-    o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens)
+def _outputs_and_grads(q, k, v, scale, attend_current, cu_seqlens=None, config=LaunchConfig()):
+    o, rem = stick_breaking_attention_triton(q, k, v, scale, attend_current, cu_seqlens, config=config)
     g = torch.Generator().manual_seed(11)
     go = torch.randn(o.shape, generator=g).to(o.dtype).to(o.device)
     grem = torch.randn(rem.shape, generator=g).to(rem.device)
@@ -249,54 +249,56 @@ def _outputs_and_grads(q, k, v, scale, attend_current, cu_seqlens=None):
     return [o.detach(), rem.detach()] + [x.grad.clone() for x in (q, k, v)]
 
 
-def _loads_per_kernel(q, k, v, scale, attend_current, cu):
+def _loads_per_kernel(q, k, v, scale, attend_current, cu, config):
     """Elements each kernel, launched on its own, loads from the tensor its walk steps through (under the
     interpreter, sb_ref.testing's counter): the forward and the query-major kernel from k, the key-major one from q
     (the operands the backward reads, float16 copies for bfloat16 inputs)."""
-    max_len = K._max_seqlen(q.shape[2], cu)
+    p = Problem.of(q, k, v, cu, op.max_seqlen_of(q.shape[2], cu), config)
     # each kernel runs once, counted; its outputs feed the next
     out = {}
     loads = {"forward": key_elements_loaded(
-        lambda k: out.update(fwd=K._forward(q, k, v, scale, attend_current, cu, max_len)), (k,), key_index=0)}
+        lambda k: out.update(fwd=op.forward(p, q, k, v, scale, attend_current)), (k,), key_index=0)}
     o, rem, lo = out["fwd"]
-    c = dict(K._common(q, k, v, cu, max_len), scale=scale, lo=None)
-    c["lo"] = lo if K._walks_can_stop(c, lo) else None
     drem = torch.ones_like(rem)
-    ops = K._backward_operands(c, torch.ones_like(o), drem * rem, q, k, v)
+    ops = operands.backward_operands(scale, p.DV, torch.ones_like(o), drem * rem, q, k, v)
     q_op, k_op = ops[1], ops[2]
     loads["query-major"] = key_elements_loaded(
-        lambda _: out.update(dq=K._backward_dq(c, ops, drem, rem, attend_current)), (k_op,), key_index=0)
+        lambda _: out.update(dq=op.backward_dq(p, ops, drem, rem, scale, attend_current)), (k_op,), key_index=0)
     _, delta_g, tw, tr, chunk = out["dq"]
+    kept_lo = lo if p.walks_can_stop(lo) else None
     loads["key-major"] = key_elements_loaded(
-        lambda _: K._backward_dkdv(c, ops, delta_g, tw, tr, chunk, attend_current), (q_op,), key_index=0)
+        lambda _: op.backward_dkdv(p, ops, kept_lo, delta_g, tw, tr, chunk, scale, attend_current), (q_op,),
+        key_index=0)
     return loads
+
+
+def _forward(q, k, v, scale, attend_current, cu, max_len, config):
+    return op.forward(Problem.of(q, k, v, cu, max_len, config), q, k, v, scale, attend_current)
 
 
 @pytest.mark.parametrize("regime,dtype,attend_current,varlen", [("random", torch.bfloat16, False, False),
                                                                  ("saturated", torch.float32, True, False),
                                                                  ("random", torch.bfloat16, False, True),
                                                                  ("long", torch.bfloat16, False, False)])
-def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_current, varlen, monkeypatch):
+def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_current, varlen):
     """Stopping the walks once every row's stick is below 2^-160 changes no bit of o, rem, dq, dk, dv (what it
     skips rounds to 0), and it does stop: the forward and the key-major kernel load less (counted under the
     interpreter). Sticks that last (the long regime) take the forward's one-loop walk: same bits, same loads.
-    Packed batches take it only with EARLY_EXIT_VARLEN as well (off by default: they walk everything)."""
+    Packed batches take it only with early_exit_varlen as well (off by default: they walk everything)."""
     T = 448
     q, k, v, scale = make_inputs(regime, 1, 2, 1, T, 16, 16, dtype, seed=12)
     cu = torch.tensor([0, 300, T], dtype=torch.int32, device=DEVICE) if varlen else None
     if varlen and DEVICE == "cpu":
-        monkeypatch.setattr(K, "EARLY_EXIT", True)
-        by_default = key_elements_loaded(lambda k: K._forward(q, k, v, scale, attend_current, cu, 300), (k,), 0)
-        monkeypatch.setattr(K, "EARLY_EXIT", False)
-        walking_all = key_elements_loaded(lambda k: K._forward(q, k, v, scale, attend_current, cu, 300), (k,), 0)
-        assert by_default == walking_all, "a packed batch should walk everything unless EARLY_EXIT_VARLEN"
+        walks = {on: key_elements_loaded(
+            lambda k: _forward(q, k, v, scale, attend_current, cu, 300, LaunchConfig(early_exit=on)), (k,), 0)
+            for on in (True, False)}
+        assert walks[True] == walks[False], "a packed batch should walk everything unless early_exit_varlen"
     results, loads = {}, {}
     for on in (False, True):
-        monkeypatch.setattr(K, "EARLY_EXIT", on)
-        monkeypatch.setattr(K, "EARLY_EXIT_VARLEN", on)
-        results[on] = _outputs_and_grads(q, k, v, scale, attend_current, cu)
+        config = LaunchConfig(early_exit=on, early_exit_varlen=on)
+        results[on] = _outputs_and_grads(q, k, v, scale, attend_current, cu, config)
         if DEVICE == "cpu":
-            loads[on] = _loads_per_kernel(q, k, v, scale, attend_current, cu)
+            loads[on] = _loads_per_kernel(q, k, v, scale, attend_current, cu, config)
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a, b), f"{name} changed with early exit: largest difference {(a - b).abs().max():.2e}"
     if regime == "long":
@@ -327,8 +329,7 @@ def test_exit_bounds_count_the_query_blocks_that_reach_each_key_block(lengths):
         for r in range(s, s + n):
             lo[0, :, r] = torch.randint(s, r + 1, (H,), generator=g)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
-    c = {"cu": cu.to(DEVICE), "n_seq": len(lengths), "varlen": True}
-    got = K._exit_bounds(lo.to(DEVICE), c, block_m, block_n).cpu()
+    got = op.exit_bounds(lo.to(DEVICE), cu.to(DEVICE), len(lengths), True, block_m, block_n).cpu()
     for h in range(H):
         for s, n in zip(starts, lengths):
             block_lo = [int(lo[0, h, s + m * block_m:s + min(n, (m + 1) * block_m)].min())
@@ -340,7 +341,7 @@ def test_exit_bounds_count_the_query_blocks_that_reach_each_key_block(lengths):
 
 
 @pytest.mark.parametrize("poison", ["nan key", "-inf in a key", "inf value"])
-def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(poison, monkeypatch):
+def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(poison):
     """Early exit changes no bit, and skips nothing it must not: a block with one long-lived row among used-up ones
     walks on, and the key-major kernel then also visits earlier blocks that stopped (it finds their sticks used up
     there); a non-finite key or value poisons every later query as without early exit (NaN in, NaN out, as PyTorch
@@ -363,12 +364,11 @@ def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(poison, 
         q[0, 1, 420, 0] = -10.0
     results = {}
     for on in (False, True):
-        monkeypatch.setattr(K, "EARLY_EXIT", on)
-        results[on] = _outputs_and_grads(q, k, v, scale, False)
+        results[on] = _outputs_and_grads(q, k, v, scale, False, config=LaunchConfig(early_exit=on))
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), f"{name} changed with early exit"
     # the first key each row's walk reached: 0 throughout the poisoned head, later ones in the other
-    lo = K._forward(q, k, v, scale, False, None, T)[2]
+    lo = _forward(q, k, v, scale, False, None, T, LaunchConfig())[2]
     if poison != "-inf in a key":
         assert bool((lo[0, 0] == 0).all()), "the poisoned head's blocks should all have walked to the start"
     assert bool((lo[0, 1] > 0).any()), "head 1's blocks should still stop early"
@@ -383,15 +383,14 @@ def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(poison, 
     assert bool((rem[0, 1, 64:] == 0).float().mean() > 0.9), "the other sticks should be used up"
 
 
-def test_early_exit_passes_a_nan_output_gradient_to_every_key_it_reaches(monkeypatch):
+def test_early_exit_passes_a_nan_output_gradient_to_every_key_it_reaches():
     """The backward walks everything where dO holds a NaN: without early exit it reaches dv of every key row 400
     sees, so with it too (the backward's table flags non-finite gradients)."""
     T = 448
     q, k, v, scale = make_inputs("random", 1, 1, 1, T, 16, 16, torch.float32, seed=14)
     grads = {}
     for on in (False, True):
-        monkeypatch.setattr(K, "EARLY_EXIT", on)
-        o, _ = stick_breaking_attention_triton(q, k, v, scale, False)
+        o, _ = stick_breaking_attention_triton(q, k, v, scale, False, config=LaunchConfig(early_exit=on))
         go = torch.zeros_like(o)
         go[0, 0, 400] = float("nan")
         v.grad = None
@@ -450,5 +449,6 @@ def test_no_T_by_T_allocation():
 def test_opcheck():
     # schema, fake tensors, autograd registration: what torch.compile relies on
     q, k, v, scale = make_inputs("random", 1, 2, 1, 20, 16, 16, torch.float32, seed=14)
-    torch.library.opcheck(torch.ops.sb_ref.stick_breaking_triton_fwd.default, (q, k, v, scale, False, None, 20),
+    args = (q, k, v, scale, False, None, 20, LaunchConfig().key)
+    torch.library.opcheck(torch.ops.sb_ref.stick_breaking_triton_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

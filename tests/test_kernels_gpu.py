@@ -90,9 +90,9 @@ def test_varlen_many_short_gpu(dtype):
 
 @pytest.mark.parametrize("regime,dtype,varlen", [("random", "bf16", False), ("random", "bf16", True),
                                                  ("long", "bf16", False), ("saturated", "fp32", False)])
-def test_early_exit_is_exact_gpu(regime, dtype, varlen, monkeypatch):
+def test_early_exit_is_exact_gpu(regime, dtype, varlen):
     """Compiled, with the GPU's segment lengths: o, rem, dq, dk, dv bit-identical with and without early exit."""
-    import sb_ref.kernels.attention as K
+    from sb_ref.kernels import LaunchConfig
     from test_kernels import _outputs_and_grads
 
     T = 4096
@@ -100,9 +100,8 @@ def test_early_exit_is_exact_gpu(regime, dtype, varlen, monkeypatch):
     cu = torch.tensor([0, 1000, 1001, 3500, T], dtype=torch.int32, device="cuda") if varlen else None
     results = {}
     for on in (False, True):
-        monkeypatch.setattr(K, "EARLY_EXIT", on)
-        monkeypatch.setattr(K, "EARLY_EXIT_VARLEN", on)
-        results[on] = _outputs_and_grads(q, k, v, scale, regime == "saturated", cu)
+        config = LaunchConfig(early_exit=on, early_exit_varlen=on)
+        results[on] = _outputs_and_grads(q, k, v, scale, regime == "saturated", cu, config)
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a, b), f"{name} changed with early exit: largest difference {(a - b).abs().max():.2e}"
 
