@@ -8,12 +8,13 @@ TFLOP/s counts 2*B*H*T^2*D flops for a causal forward and 2.5x that for the back
 Accuracy: relative Frobenius error against the float64 oracle (tests/reference.py) on the same rounded inputs.
 --sweep times a few tile configurations of each kernel first and keeps the fastest (printed, not saved).
 --regime long times inputs whose sticks last for thousands of keys (the default, random, uses them up within tens).
---early-exit on|off overrides the kernels' EARLY_EXIT for the whole run; both times the op each way (two rows),
+--early-exit on|off sets the launch configuration's early_exit for the whole run; both times the op each way (two rows),
 twice, in the order off, on, baselines, on, off, and reports the mean of each.
 --varlen adds a table: 65536 tokens packed as sequences of mixed length (cu_seqlens), with max_seqlen given and
 read from cu_seqlens, against an equal-length batch with the same work per token, and that batch packed too.
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -27,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from reference import attention as oracle, rel_err  # noqa: E402
 
-import sb_ref.kernels.attention as K  # noqa: E402
-from sb_ref.kernels import stick_breaking_attention_triton  # noqa: E402
+from sb_ref.kernels import LaunchConfig, Tile, op, operands, stick_breaking_attention_triton  # noqa: E402
+from sb_ref.kernels.config import KERNELS, Problem  # noqa: E402
 
 SHAPES = [(4, 12, 4096, 128), (4, 12, 8192, 128), (2, 12, 16384, 128), (8, 16, 4096, 64)]
 
@@ -73,18 +74,15 @@ def time_pair(fwd):
     return t_f, ms(fb)
 
 
-def sb_fwd(q, k, v, early_exit=None):
-    """The op's forward as a closure; early_exit True/False sets the kernels' EARLY_EXIT before each call."""
-    def f():
-        if early_exit is not None:
-            K.EARLY_EXIT = early_exit
-        return stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False)[0]
-    return f
+def sb_fwd(q, k, v, config=LaunchConfig()):
+    """The op's forward as a closure, launched with config."""
+    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False, config=config)[0]
 
 
-def sb_varlen_fwd(q, k, v, cu, max_seqlen=None):
+def sb_varlen_fwd(q, k, v, cu, max_seqlen=None, config=LaunchConfig()):
     """Without max_seqlen the op reads it from cu_seqlens: one wait for the GPU in the forward."""
-    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False, cu, max_seqlen)[0]
+    return lambda: stick_breaking_attention_triton(q, k, v, q.shape[-1] ** -0.5, False, cu, max_seqlen,
+                                                   config=config)[0]
 
 
 def sdpa_fwd(q, k, v, backend):
@@ -106,8 +104,8 @@ def flex_fwd(q, k, v):
 
 
 CANDIDATES = {
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg]), the scans as
-    # kernels/attention.py's _cumsum PARTS. Every tile is [queries, keys]; the tensor cores' wgmma path needs 64
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg]): the fields of a Tile,
+    # the scans as tile_math.exclusive_cumsum's PARTS. Every tile is [queries, keys]; the tensor cores' wgmma path needs 64
     # query rows per 4 warps. Earlier sweeps (results/, benchmarks/README.md) found larger tiles spilling, 16-key
     # tiles and 8 warps on 64 rows slower, and num_stages=1 on the 64 x 32 key-major tile failing (illegal
     # address).
@@ -127,88 +125,91 @@ CANDIDATES = {
 KERNEL_T = 4096  # sequence length of the per-kernel timings (--kernel-t)
 
 
-def _problem(D):
+def _problem(D, config):
+    """Each kernel of the op at (4, 12, KERNEL_T, 128) or (8, 16, KERNEL_T, 64) on its own, launched with config,
+    as closures; record receives each launch's compiled kernel."""
     B, H = (4, 12) if D == 128 else (8, 16)
     q, k, v = inputs(B, H, KERNEL_T, D)
     scale = D ** -0.5
-    o, rem, lo = K._forward(q, k, v, scale, False, None, KERNEL_T)
+    p = Problem.of(q, k, v, None, KERNEL_T, config)
+    record = {}
+    o, rem, lo = op.forward(p, q, k, v, scale, False)
     do = torch.randn_like(o)
     drem = torch.zeros_like(rem)
-    c = dict(K._common(q, k, v, None, KERNEL_T), scale=scale, lo=None)
-    c["lo"] = lo if K._walks_can_stop(c, lo) else None
-    ops = K._backward_operands(c, do, drem * rem, q, k, v)
-    dq, delta_g, tw, tr, chunk = K._backward_dq(c, ops, drem, rem, False)
+    kept_lo = lo if p.walks_can_stop(lo) else None
+    ops = operands.backward_operands(scale, p.DV, do, drem * rem, q, k, v)
+    dq, delta_g, tw, tr, chunk = op.backward_dq(p, ops, drem, rem, scale, False)
     # the dk/dv timings advance the carry table in place each call: the same work, the values do not matter
-    return {"fwd": lambda: K._forward(q, k, v, scale, False, None, KERNEL_T),
-            "dq": lambda: K._backward_dq(c, ops, drem, rem, False),
-            "dkdv": lambda: K._backward_dkdv(c, ops, delta_g, tw, tr, chunk, False),
-            "op": sb_fwd(q, k, v)}
+    run = {"fwd": lambda: op.forward(p, q, k, v, scale, False, record),
+           "dq": lambda: op.backward_dq(p, ops, drem, rem, scale, False, record),
+           "dkdv": lambda: op.backward_dkdv(p, ops, kept_lo, delta_g, tw, tr, chunk, scale, False, record),
+           "op": sb_fwd(q, k, v, config)}
+    return run, record
 
 
-def _time_kernel(label, kernel, fn):
+def _time_kernel(label, kernel, problem):
     """(median ms or None, a printed line with the compiled kernel's registers, spills and shared memory)."""
+    run, record = problem
     try:
-        t = ms(fn)
+        t = ms(run[kernel])
     except Exception as e:  # out of resources for these tiles
         t, line = None, f"{label} {kernel}: failed ({type(e).__name__}: {str(e)[:80]})"
     else:
-        ck = K.COMPILED[kernel]
+        ck = record[kernel]
         line = (f"{label} {kernel}: {t:.3f} ms  ({ck.n_regs} registers, {ck.n_spills} spills, "
                 f"{ck.metadata.shared} B shared)")
     print(line, flush=True)
     return t, line
 
 
-def sweep(D):
-    """Times the candidate tiles of each kernel on its own at (4, 12, T, D) and keeps the fastest in K.CONFIGS."""
-    run = _problem(D)
+def sweep(D, config):
+    """Times the candidate tiles of each kernel on its own at (4, 12, T, D); returns (lines, config with the
+    fastest tiles)."""
     lines = []
     for kernel, options in CANDIDATES[D].items():
         best = None
         for cfg in options:
-            K.CONFIGS[D][kernel] = cfg
-            t, line = _time_kernel(f"D={D} {cfg}", kernel, run[kernel])
+            tried = config.with_tile(D, kernel, Tile(*cfg))
+            t, line = _time_kernel(f"D={D} {cfg}", kernel, _problem(D, tried))
             lines.append(line)
             if t is not None and (best is None or t < best[0]):
                 best = (t, cfg)
-        K.CONFIGS[D][kernel] = best[1]
+        config = config.with_tile(D, kernel, Tile(*best[1]))
         lines.append(f"D={D} {kernel}: best {best[1]}")
         print(lines[-1], flush=True)
-    return lines
+    return lines, config
 
 
-def ablations(D=128):
+def ablations(config, D=128):
     """What pieces of the kernels cost: the chosen tiles timed with one piece swapped, for measurement only."""
     lines = []
 
-    def timed(label):
-        run = _problem(D)
+    def timed(label, config):
+        problem = _problem(D, config)
         times = []
-        for kernel in ("fwd", "dq", "dkdv"):
-            t, line = _time_kernel(f"D={D} {label:28s}", kernel, run[kernel])
+        for kernel in KERNELS:
+            t, line = _time_kernel(f"D={D} {label:28s}", kernel, problem)
             times.append(t)
             lines.append(line)
-        return run, times
+        return problem[0], times
 
-    run, times = timed("as chosen")
+    run, times = timed("as chosen", config)
     if None not in times:
         # what the op costs beyond its three kernels: operand copies, scales, tables, launches, autograd
         full = time_pair(run["op"])[1]
         lines.append(f"D={D} forward+backward of the op {full:.3f} ms, of which outside the kernels "
                      f"{full - sum(times):.3f} ms")
         print(lines[-1], flush=True)
-    K.F16_PRODUCTS = False
-    timed("A v as bfloat16 hi/lo pair")
-    K.F16_PRODUCTS = True
-    saved = dict(K.CONFIGS[D])
-    for kernel in ("fwd", "dq", "dkdv"):
-        K.CONFIGS[D][kernel] = saved[kernel][:4] + (0, 0) + saved[kernel][6:]
-    timed("scans by tl.cumsum")
-    K.CONFIGS[D].update(saved)
+    timed("A v as bfloat16 hi/lo pair", dataclasses.replace(config, f16_products=False))
+    exact = config
+    for kernel in KERNELS:
+        tile = getattr(config.gpu.tiles(D, torch.bfloat16), kernel)
+        exact = exact.with_tile(D, kernel, tile.exact_scans())
+    timed("scans by tl.cumsum", exact)
     return lines
 
 
-def varlen_rows(regime, H=12, D=128, tokens=65536, seed=0):
+def varlen_rows(regime, config, H=12, D=128, tokens=65536, seed=0):
     """Throughput of a packed batch of mixed lengths (uniform in [128, 8192], summing to `tokens`) against an
     equal-length batch whose length L = sum(len^2) / sum(len) gives the same causal work per token (the last row),
     and of that equal-length batch packed as sequences (cu_seqlens) and run through the varlen kernels unpacked,
@@ -228,17 +229,17 @@ def varlen_rows(regime, H=12, D=128, tokens=65536, seed=0):
     for label, lens, max_seqlen, how in packed:
         cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
         q, k, v = inputs(1, H, sum(lens), D, regime=regime)
-        t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu, max_seqlen))
+        t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu, max_seqlen, config))
         rows.append((f"{label} ({how})", (1, H, sum(lens), D), t_f, t_fb, 2 * H * sum(n * n for n in lens) * D))
         del q, k, v
     q, k, v = inputs(B, H, L, D, regime=regime)
     # the batch through the varlen kernels: cu_seqlens [0, L] holds for every batch entry (a call sb_ref refuses,
     # B > 1, that the kernels run as B separate packed batches)
     cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
-    t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu, L))
+    t_f, t_fb = time_pair(sb_varlen_fwd(q, k, v, cu, L, config))
     rows.append((f"equal length {L} (varlen kernels, cu_seqlens [0, {L}])", (B, H, L, D), t_f, t_fb,
                  2 * B * H * L * L * D))
-    t_f, t_fb = time_pair(sb_fwd(q, k, v))
+    t_f, t_fb = time_pair(sb_fwd(q, k, v, config))
     rows.append((f"equal length {L}", (B, H, L, D), t_f, t_fb, 2 * B * H * L * L * D))
     for name, shape, t_f, t_fb, flops in rows:
         print(f"varlen {name} {shape}: fwd {t_f:.3f} ms {flops / t_f * 1e-9:.1f} TF/s, fwd+bwd {t_fb:.3f} ms "
@@ -273,28 +274,32 @@ def main():
     ap.add_argument("--kernel-t", type=int, default=4096, help="sequence length of --sweep and --ablate")
     ap.add_argument("--regime", default="random", choices=("random", "long"), help="input regime of the speed table")
     ap.add_argument("--early-exit", default=None, choices=("on", "off", "both"),
-                    help="override the kernels' EARLY_EXIT, or time both")
+                    help="set the launch configuration's early_exit, or time both")
     ap.add_argument("--varlen", action="store_true", help="also time a packed batch of mixed lengths")
     args = ap.parse_args()
+    config = LaunchConfig()
     if args.early_exit in ("on", "off"):
-        K.EARLY_EXIT = args.early_exit == "on"
-    default_exit = K.EARLY_EXIT
+        config = dataclasses.replace(config, early_exit=args.early_exit == "on")
     global KERNEL_T
     KERNEL_T = args.kernel_t
     from torch.nn.attention import SDPBackend
 
     warm_up_gpu()
-    sweep_lines = [line for D in args.sweep_dims for line in sweep(D)] if args.sweep else []
-    sweep_lines += ablations(128) if args.ablate else []
+    sweep_lines = []
+    for D in args.sweep_dims if args.sweep else []:
+        lines, config = sweep(D, config)
+        sweep_lines += lines
+    sweep_lines += ablations(config) if args.ablate else []
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     rows = []
     for B, H, T, D in shapes:
         q, k, v = inputs(B, H, T, D, regime=args.regime)
         flops = 2 * B * H * T * T * D
         if args.early_exit == "both":
-            sb = [("sb, exit off", lambda: sb_fwd(q, k, v, False)), ("sb, exit on", lambda: sb_fwd(q, k, v, True))]
+            sb = [(f"sb, exit {'on' if on else 'off'}", lambda on=on: sb_fwd(q, k, v, dataclasses.replace(
+                config, early_exit=on))) for on in (False, True)]
         else:
-            sb = [("sb (triton)", lambda: sb_fwd(q, k, v))]
+            sb = [("sb (triton)", lambda: sb_fwd(q, k, v, config))]
         impls = sb + [("flash", lambda: sdpa_fwd(q, k, v, SDPBackend.FLASH_ATTENTION)),
                       ("cudnn", lambda: sdpa_fwd(q, k, v, SDPBackend.CUDNN_ATTENTION))]
         if args.flex:
@@ -320,20 +325,18 @@ def main():
                   f"fwd+bwd {t_fb:7.3f} ms {rows[-1][5]:6.1f} TF/s ({rfb:.3f}x flash)", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    K.EARLY_EXIT = default_exit
-    var = varlen_rows(args.regime) if args.varlen else []
+    var = varlen_rows(args.regime, config) if args.varlen else []
     acc = accuracy_rows()
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     exit_setting = ("both ways (each timed twice: off, on, baselines, on, off; the means)"
-                    if args.early_exit == "both" else "on" if K.EARLY_EXIT else "off")
+                    if args.early_exit == "both" else "on" if config.early_exit else "off")
     md = [f"# Stick-breaking attention (Triton) vs PyTorch attention", "",
           f"- device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)",
           f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
           f"- date: {now}",
-          f"- tiles: fwd {K.CONFIGS[128]['fwd']}, dq {K.CONFIGS[128]['dq']}, dkdv {K.CONFIGS[128]['dkdv']} (D=128); "
-          f"D=64: fwd {K.CONFIGS[64]['fwd']}, dq {K.CONFIGS[64]['dq']}, dkdv {K.CONFIGS[64]['dkdv']}",
-          "  (BLOCK_M, BLOCK_N, num_warps, num_stages, scan of log(1-beta), scan of dl[, maxnreg])",
+          f"- tiles (D=128): {config.gpu.tiles(128, torch.bfloat16)}",
+          f"- tiles (D=64): {config.gpu.tiles(64, torch.bfloat16)}",
           f"- input regime of the speed table: {args.regime}; early exit {exit_setting}", "",
           "## Speed (causal, bf16, median of do_bench)", "",
           "TFLOP/s: 2*B*H*T^2*D forward, 3.5x that forward+backward. Ratios are throughput over FLASH_ATTENTION's.", "",

@@ -21,8 +21,8 @@ not counted), over the time; "of copy" divides that by the bandwidth of a large 
 O(rows) flops per byte, so it is memory-bound: the copy bandwidth is its roofline.
 
 ``--sweep`` times the split kernel and its combine (the cache length given) over tile shapes (BLOCK_N, num_warps,
-num_stages: decode.DECODE_CONFIGS) and split counts (about 1 to 8 programs per SM over the (batch, kv-head) work
-items) per (shape, T), best first, to choose DECODE_CONFIGS and the split rule (decode.split_count).
+num_stages: DecodeConfig.tiles) and split counts (about 1 to 8 programs per SM over the (batch, kv-head) work
+items) per (shape, T), best first, to choose DecodeConfig.tiles and the split rule (decode.split_count).
 """
 import argparse
 import datetime
@@ -107,6 +107,7 @@ def problem(B, Hq, Hk, D, T):
 
 def run(shapes, lengths):
     import sb_ref
+    from sb_ref.kernels import DecodeConfig
     from sb_ref.kernels import decode as KD
     from sb_ref.kernels import stick_breaking_decode_triton
 
@@ -121,7 +122,7 @@ def run(shapes, lengths):
             f, how = sdpa_call(q, k, v)
             t_sdpa = ms(f) if f is not None else float("nan")
             nbytes = decode_bytes(B, Hq, Hk, T, D)
-            splits = KD.plan(B, Hq, Hk, 1, T, q.device)[2]
+            splits = KD.plan(DecodeConfig(), B, Hq, Hk, 1, T, q.device)[2]
             row = dict(shape=(B, Hq, Hk, D), T=T, sb_ms=t_sb, op_ms=t_op, sb_gbs=nbytes / t_sb * 1e-6,
                        frac=nbytes / t_sb * 1e-6 / bw, sdpa_ms=t_sdpa, sdpa_gbs=nbytes / t_sdpa * 1e-6,
                        sdpa_path=how if f is not None else f"unavailable ({how})", splits=splits)
@@ -134,38 +135,40 @@ def run(shapes, lengths):
 
 def sweep(shapes, lengths, top=8):
     """Markdown lines: for each (shape, T), the fastest (BLOCK_N, warps, stages, splits) and the committed choice."""
+    import dataclasses
     import itertools
 
     import triton
+    from sb_ref.kernels import DecodeConfig
     from sb_ref.kernels import decode as KD
     from sb_ref.kernels import stick_breaking_decode_triton
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bw = copy_bandwidth()
     lines = [f"copy bandwidth {bw:.0f} GB/s", ""]
-    committed = KD.DECODE_CONFIGS[128]
+    config = DecodeConfig()
+    committed = config.tile(128, False)
     for B, Hq, Hk, D in shapes:
         for T in lengths:
             q, k, v, lens = problem(B, Hq, Hk, D, T)
             nbytes = decode_bytes(B, Hq, Hk, T, D)
-            _, n_rb, planned = KD.plan(B, Hq, Hk, 1, T, q.device)
+            _, n_rb, planned = KD.plan(config, B, Hq, Hk, 1, T, q.device)
             items = B * Hk * n_rb
             splits = sorted({planned} | {max(1, min(T // 128, triton.cdiv(p * sms, items)))
                                          for p in (1, 2, 3, 4, 6, 8)})
             rows = []
             for (bn, warps, stages), n_split in itertools.product(
                     itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)), splits):
-                KD.DECODE_CONFIGS[128] = (bn, warps, stages)
+                tried = dataclasses.replace(config.with_tile(128, (bn, warps, stages)), splits=n_split)
                 try:
                     t = triton.testing.do_bench(
                         lambda: stick_breaking_decode_triton(q, k, v, lens, D ** -0.5, True, max_seqlen=T,
-                                                             num_splits_=n_split), warmup=10, rep=40,
+                                                             config=tried), warmup=10, rep=40,
                         return_mode="median")
                 except Exception as e:  # a tile that does not fit (shared memory, registers)
                     print(f"({bn}, {warps}, {stages}) x {n_split}: {type(e).__name__}", flush=True)
                     continue
                 rows.append((t, bn, warps, stages, n_split))
-            KD.DECODE_CONFIGS[128] = committed
             rows.sort()
             now = next(r for r in rows if r[1:4] == committed and r[4] == planned)
             lines += [f"### (B, Hq, Hk, D) = {(B, Hq, Hk, D)}, T = {T} ({items} work items)", "",

@@ -73,13 +73,14 @@ def backward_dq(p, ops, drem, rem, scale, attend_current, record=None):
     return dq, delta_g, tw, tr, chunk
 
 
-def exit_bounds(p, lo, block_m, block_n):
-    """MB_STOP (B, H, T) int32 for the key-major kernel, set at each key block's first key (exit_bounds_kernel)."""
+def exit_bounds(lo, cu, n_seq, varlen, block_m, block_n):
+    """MB_STOP (B, H, T) int32 for the key-major kernel, set at each key block's first key (exit_bounds_kernel),
+    from the forward's lo and the sequences (n_seq of them, at cu where varlen)."""
     B, H, T = lo.shape
     suf = torch.empty_like(lo)
     mb_stop = torch.empty_like(lo)
-    exit_bounds_kernel[(B * H, p.n_seq)](lo, p.cu, suf, mb_stop, T, VARLEN=p.varlen, BLOCK_M=block_m,
-                                         BLOCK_N=block_n, TILE=64)
+    exit_bounds_kernel[(B * H, n_seq)](lo, cu, suf, mb_stop, T, VARLEN=varlen, BLOCK_M=block_m, BLOCK_N=block_n,
+                                       TILE=64)
     return mb_stop
 
 
@@ -93,7 +94,7 @@ def backward_dkdv(p, ops, lo, delta_g, tw, tr, chunk, scale, attend_current, rec
     tile = p.tile("dkdv")
     assert chunk % tile.block_n == 0
     n_chunks = tw.shape[2]
-    mb_stop = tw if lo is None else exit_bounds(p, lo, tile.block_m, tile.block_n)
+    mb_stop = tw if lo is None else exit_bounds(lo, p.cu, p.n_seq, p.varlen, tile.block_m, tile.block_n)
     compiled = dkdv_kernel[(p.B * p.n_seq * hk, n_chunks)](
         q, k, v, do, delta_g, tw, tr, dk, dv, mb_stop, p.cu, table, scale=float(scale), CHUNK=chunk,
         N_CHUNKS=n_chunks, s_q=q.stride(), s_k=k.stride(), s_v=v.stride(), s_do=do.stride(), **p.sizes(q.dtype), ATTEND_CURRENT=bool(attend_current), SCAN_L=tile.scan_l,

@@ -17,11 +17,15 @@ pytestmark = pytest.mark.gpu
 
 
 class _Results(list):
-    """Every measured error, written out after each entry when SB_GPU_RESULTS names a file."""
+    """Every measured error, written out after each entry when SB_GPU_RESULTS names a file (one file per worker
+    under pytest-xdist: path_gw0.json, ...)."""
 
     def append(self, item):
         super().append(item)
         path = os.environ.get("SB_GPU_RESULTS")
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if path and worker:
+            path = f"{os.path.splitext(path)[0]}_{worker}.json"
         if path:
             with open(path, "w") as f:
                 json.dump(self, f, indent=1)
