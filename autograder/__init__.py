@@ -1,9 +1,10 @@
 """The course's grader: ``python -m autograder`` (or ``make grade``). It runs from this repository and is not
-installed with ``sb_ref``; the checks that notebooks call live in the installed package, in ``sb_ref.testing``.
+installed with ``sb_ref``; the checks that notebooks call live in the installed package, in ``sb_ref.testing.lessons``.
 
 - :mod:`autograder.cli`: the command: which notebooks, which lesson each is, the report.
 - :mod:`autograder.grading`: one notebook: trusted cells put back, learner cells in a kernel, tests in the grader.
 - :mod:`autograder.kernel`: the learner's kernel, a process with time and memory limits (:mod:`autograder.limits`).
-- :mod:`autograder.remote` and :mod:`autograder.wire`: calls from the grader into the learner's functions.
+- :mod:`autograder.remote` (the grader's side), :mod:`autograder.serve` (the kernel's side) and :mod:`autograder.wire`
+  (the codec between them): calls from the grader into the learner's functions.
 - :mod:`autograder.report`: the table and the JSON report.
 """

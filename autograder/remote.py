@@ -1,11 +1,15 @@
 """The learner's functions, seen from the grader: proxies that run them in the learner's kernel.
 
 A test cell such as ``check_weight_matrix(stick_breaking_matrix)`` runs in the grader's own process, with
-the real check from ``sb_ref.testing``; only the name ``stick_breaking_matrix`` resolves to a
+the real check from ``sb_ref.testing.lessons``; only the name ``stick_breaking_matrix`` resolves to a
 :class:`RemoteFunction`, which sends its arguments to the kernel, calls the learner's function there and brings
 the result back. So the learner's code can compute whatever it likes, but cannot touch the check, the
 reference it compares against, or the verdict. Gradients flow through a proxy too: the backward pass is
 computed in the kernel, on the graph that the call left there.
+
+This module is the grader's side of the protocol; :mod:`autograder.serve` is the kernel's, :mod:`autograder.wire`
+the codec between them. The checks reach it only through :meth:`RemoteFunction.run_in_kernel`, which
+:func:`sb_ref.testing.remote.run_where_it_lives` calls.
 """
 import builtins
 import itertools
@@ -98,7 +102,7 @@ class _RemoteGrad(torch.autograd.Function):
 class RemoteSession:
     """Function calls into one :class:`~autograder.kernel.LearnerKernel`, through files in a private folder."""
 
-    BOOTSTRAP = "from autograder.wire import serve_backward, serve_call, serve_getattr"
+    BOOTSTRAP = "from autograder.serve import serve_backward, serve_call, serve_getattr"
 
     def __init__(self, kernel, call_timeout):
         self.kernel, self.call_timeout = kernel, call_timeout
@@ -135,8 +139,8 @@ class RemoteSession:
 
     def _objects_in(self, value):
         """Handles in a result become :class:`RemoteObject` (or, for methods, :class:`RemoteFunction`)."""
-        if isinstance(value, dict) and "__remote__" in value:
-            obj = RemoteObject(self, value["__remote__"], value["type"])
+        if isinstance(value, dict) and wire.REMOTE in value:
+            obj = RemoteObject(self, value[wire.REMOTE], value["type"])
             return obj
         if isinstance(value, (list, tuple)):
             items = [self._objects_in(v) for v in value]

@@ -161,12 +161,16 @@ def test_monkeypatching_the_real_checks_in_the_notebook_changes_nothing(tmp_path
     lesson = "01_stick_breaking_numpy"
     nb = nbformat.read(ROOT / "lessons" / lesson / f"{lesson}.ipynb", as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(
-        "import sb_ref.testing, sb_ref.testing.checks as checks\n"
-        "for name in dir(checks):\n"
-        "    if name.startswith('check_'):\n"
-        "        setattr(checks, name, lambda *a, **k: None)\n"
-        "        setattr(sb_ref.testing, name, lambda *a, **k: None)\n"))
-    nb.cells.insert(0, nb.cells.pop())  # before the tests
+        "import importlib, sb_ref.testing.lessons as lessons\n"
+        "for lesson in lessons.LESSONS:\n"
+        "    module = importlib.import_module(f'sb_ref.testing.lessons.{lesson}')\n"
+        "    for name in module.__all__:\n"
+        "        setattr(module, name, lambda *a, **k: None)\n"))
+    nb.cells.insert(0, nb.cells.pop())  # before the import cell and the tests
+    imports = next(i for i, cell in enumerate(nb.cells)
+                   if cell.metadata.get("nbgrader", {}).get("grade_id") == "import_checks")
+    nb.cells.insert(imports + 1, nbformat.v4.new_code_cell(  # the test cells' names, shadowed after their import
+        "check_weight_matrix = check_weights_for_query = check_attention_numpy = lambda *a, **k: None"))
     path = tmp_path / "mallory" / f"{lesson}.ipynb"
     path.parent.mkdir(parents=True)
     nbformat.write(nb, path)

@@ -1,6 +1,6 @@
-"""The learners' checks (sb_ref.testing.checks): a right answer passes with a one-line verdict, a wrong one fails
-with a message that names the case, the error, where it is and a hint, a stub is "not attempted yet", and nothing
-reaches stderr (nbgrader scores any stderr output of a test cell as a failure)."""
+"""The checks of lessons 00-04 (sb_ref.testing.lessons.lesson00 ... lesson04): a right answer passes with a one-line
+verdict, a wrong one fails with a message that names the case, the error, where it is and a hint, a stub is "not
+attempted yet", and nothing reaches stderr (nbgrader scores any stderr output of a test cell as a failure)."""
 import gc
 import sys
 import warnings
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sb_ref
-import sb_ref.testing as testing
+from sb_ref.testing import lessons
 
 # ------------------------------------------------------------------------------------------------- right answers
 
@@ -131,7 +131,7 @@ RIGHT = {
 
 
 def run_check(name, fn, **kwargs):
-    return getattr(testing, name)(fn, **kwargs)
+    return lessons.checks()[name](fn, **kwargs)
 
 
 def failure(name, fn, **kwargs):
@@ -144,15 +144,17 @@ def failure(name, fn, **kwargs):
 
 
 def test_every_check_is_exported():
-    """sb_ref.testing exports every check: lessons 00-04's (tested here) and those of each later lesson's module
-    (tested in tests/test_checks_NN.py)."""
-    from sb_ref.testing import lesson05, lesson06, lesson07, lesson08, lesson09
+    """Each lesson's module exports its checks, and the grader sees them all: lessons 00-04's (tested here) and those
+    of the later lessons (tested in tests/test_checks_NN.py)."""
+    import importlib
 
-    later = {name for module in (lesson05, lesson06, lesson07, lesson08, lesson09) for name in module.__all__
-             if name.startswith("check_")}
-    checks = {name for name in testing.__all__ if name.startswith("check_")}
-    assert checks == set(RIGHT) | later
-    assert all(callable(getattr(testing, name)) for name in checks)
+    modules = [importlib.import_module(f"sb_ref.testing.lessons.{lesson}") for lesson in lessons.LESSONS]
+    exported = [name for module in modules for name in module.__all__ if name.startswith("check_")]
+    assert len(exported) == len(set(exported)), "two lessons export a check of the same name"
+    early = {name for module in modules[:5] for name in module.__all__}
+    assert early == set(RIGHT)
+    assert set(lessons.checks()) == set(exported)
+    assert all(callable(check) for check in lessons.checks().values())
 
 
 @pytest.mark.parametrize("name", sorted(RIGHT))

@@ -1,6 +1,6 @@
-"""The checks of lesson 05 (sb_ref.testing.lesson05): the reference kernels pass with a one-line verdict, the
-typical mistakes of a first Triton kernel fail with a message that names the case, the error and a hint (masks,
-strides, TF32, the triangle's direction, the carry), stubs are "not attempted yet", and nothing reaches stderr.
+"""The checks of lesson 05 (sb_ref.testing.lessons.lesson05): the reference kernels pass with a one-line verdict, the
+typical mistakes of a first Triton kernel fail with a message that names the case, the error and a hint (masks, strides,
+TF32, the triangle's direction, the carry), stubs are "not attempted yet", and nothing reaches stderr.
 
 Triton runs through its interpreter without a GPU (set before triton is imported); sizes stay small."""
 import os
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sb_ref.testing import lesson05  # noqa: E402
+from sb_ref.testing.lessons import lesson05  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- kernels
 

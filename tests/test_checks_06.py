@@ -1,6 +1,6 @@
-"""The checks of lesson 06 (sb_ref.testing.lesson06): the lesson's Triton solution passes with a one-line verdict;
-the typical mistakes (naive logs, a kernel that ignores attend_current, a causal mask on the same-index tile only,
-a launcher that builds the logits in PyTorch) fail with a message that names the case and a hint; a stub, in the
+"""The checks of lesson 06 (sb_ref.testing.lessons.lesson06): the lesson's Triton solution passes with a one-line
+verdict; the typical mistakes (naive logs, a kernel that ignores attend_current, a causal mask on the same-index tile
+only, a launcher that builds the logits in PyTorch) fail with a message that names the case and a hint; a stub, in the
 launcher or inside a kernel, is "not attempted yet"; nothing reaches stderr. Without a GPU the kernels run through
 Triton's interpreter (tests/conftest.py switches it on), on small sizes."""
 import sys
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sb_ref.testing.lesson06 import check_log_sigmoids_triton, check_sb_forward, check_sb_forward_memory
+from sb_ref.testing.lessons.lesson06 import check_log_sigmoids_triton, check_sb_forward, check_sb_forward_memory
 
 # ------------------------------------------------------------------------------------- the lesson's solution
 

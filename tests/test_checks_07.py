@@ -1,5 +1,5 @@
-"""Lesson 07's checks (sb_ref.testing.lesson07): the reference solution passes, each typical mistake fails with the
-message meant for it, a stub is "not attempted yet", and nothing reaches stderr. The kernels run through Triton's
+"""Lesson 07's checks (sb_ref.testing.lessons.lesson07): the reference solution passes, each typical mistake fails with
+the message meant for it, a stub is "not attempted yet", and nothing reaches stderr. The kernels run through Triton's
 interpreter on the CPU (conftest switches it on), at the checks' small sizes."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 import sb_ref
-from sb_ref.testing import lesson07
+from sb_ref.testing.lessons import lesson07
 
 # ------------------------------------------------------------------------------------------------- exercise 1
 
@@ -98,7 +98,7 @@ def _dz(dl, beta, delta, R, g, MISTAKE: tl.constexpr):
 def _dq_kernel(Q, K, V, DO, G, DQ, DELTA, T, D, DV, scale, ATTEND_CURRENT: tl.constexpr, MISTAKE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     if MISTAKE == 4:
-        raise NotImplementedError("dq_kernel: replace this line with your code")
+        raise NotImplementedError("dq_kernel: not written yet (see the task above)")
     bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

@@ -1,5 +1,5 @@
-"""The checks of lesson 08 (sb_ref.testing.lesson08): the reference answers pass, each typical mistake fails with a
-message that names it, a stub is "not attempted yet", and nothing reaches stderr."""
+"""The checks of lesson 08 (sb_ref.testing.lessons.lesson08): the reference answers pass, each typical mistake fails
+with a message that names it, a stub is "not attempted yet", and nothing reaches stderr."""
 import statistics
 import time
 
@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from sb_ref.testing import oracle_attention
-from sb_ref.testing.lesson08 import check_attention_flops, check_fast_forward, check_median_ms
+from sb_ref.testing.lessons.lesson08 import check_attention_flops, check_fast_forward, check_median_ms
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU proxies of the speed check")
 

@@ -1,5 +1,5 @@
-"""The checks of lesson 09 (sb_ref.testing.lesson09): the lesson's solutions pass with a one-line verdict, each typical
-mistake fails with a message that names it, a stub is "not attempted yet", and nothing reaches stderr."""
+"""The checks of lesson 09 (sb_ref.testing.lessons.lesson09): the lesson's solutions pass with a one-line verdict, each
+typical mistake fails with a message that names it, a stub is "not attempted yet", and nothing reaches stderr."""
 import math
 import sys
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sb_ref
-from sb_ref.testing import lesson09
+from sb_ref.testing.lessons import lesson09, references
 
 BIT0, BIT1, WRITE, IGNORE, READ = 0, 1, 2, 3, 4
 P_WRITE, P_READ = 0.1, 0.2
@@ -43,7 +43,7 @@ def rope_stub(x, positions, base=10000.0):
     raise NotImplementedError("rope: not written yet (see the task above)")
 
 
-class SoftmaxRopeAttention(lesson09._SoftmaxRopeAttention):
+class SoftmaxRopeAttention(references.SoftmaxRopeAttention):
     """The notebook's softmax + RoPE attention: the checks' reference module with the learner's ``rope``."""
 
     rope = staticmethod(rope)
@@ -373,5 +373,5 @@ def test_evaluate_mistakes():
 
 def test_evaluate_accepts_a_scalar_tensor():
     lesson09.check_evaluate(lambda model, tokens, read_mask: torch.tensor(evaluate(model, tokens, read_mask)))
-    assert math.isclose(lesson09._ref_accuracy(torch.zeros(1, 2, 5), torch.tensor([[READ, 0]]),
-                                               torch.tensor([[False, True]])), 1.0)
+    assert math.isclose(references.flip_flop_accuracy(torch.zeros(1, 2, 5), torch.tensor([[READ, 0]]),
+                                                        torch.tensor([[False, True]])), 1.0)

@@ -31,9 +31,11 @@ KERNELS = ROOT / "kernels"
 PROBE = """
 import importlib.util, json, sys
 import sb_ref, sb_ref.kernels
+import sb_ref.testing.lessons.lesson01  # what the lesson notebooks import
 print(json.dumps({
     "sb_ref": sb_ref.__file__,
     "kernels": sb_ref.kernels.__file__,
+    "lessons": sb_ref.testing.lessons.lesson01.__file__,
     "api": [hasattr(sb_ref, name) for name in
             ("stick_breaking_attention", "stick_breaking_weights", "StickBreakingSelfAttention")],
     "top_level_kernels": getattr(importlib.util.find_spec("kernels"), "origin", None),
@@ -69,6 +71,7 @@ def inside(path: str | None, folder: Path) -> bool:
 def assert_from_repo(found: dict) -> None:
     assert inside(found["sb_ref"], SB_REF), f"sb_ref came from {found['sb_ref']}, not {SB_REF}"
     assert inside(found["kernels"], KERNELS), f"sb_ref.kernels came from {found['kernels']}, not {KERNELS}"
+    assert inside(found["lessons"], SB_REF), f"the lessons' checks came from {found['lessons']}, not {SB_REF}"
     assert all(found["api"]), "sb_ref lacks part of its public API"
 
 
@@ -183,4 +186,5 @@ def test_import_from_unpacked_wheel(wheel, tmp_path):
     assert inside(found["kernels"], unpacked / "sb_ref" / "kernels"), (
         f"sb_ref.kernels came from {found['kernels']}, not the wheel"
     )
+    assert inside(found["lessons"], unpacked), f"the lessons' checks came from {found['lessons']}, not the wheel"
     assert all(found["api"])

@@ -1,7 +1,10 @@
-"""sb_ref.testing: the oracle, the input regimes, the error measure and the allocation probe; and the docstrings'
-examples, which must run as written."""
+"""sb_ref.testing: the oracle, the input regimes, the error measure and the allocation probe; the docstrings'
+examples, which must run as written; and what importing sb_ref and sb_ref.testing loads (the library only, the course's
+checks only on demand)."""
 import doctest
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,7 +65,28 @@ def test_largest_allocation_ignores_views_and_counts_new_storage():
 
 
 @pytest.mark.parametrize("module", ["sb_ref.naive", "sb_ref.weights", "sb_ref.attention", "sb_ref.layer",
-                                    "sb_ref.testing.core"])
+                                    "sb_ref.testing.core", "sb_ref.testing.speed"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _loaded_after(code):
+    """The sb_ref modules a fresh interpreter has loaded after running ``code``."""
+    probe = code + "\nimport sys\nprint(' '.join(sorted(m for m in sys.modules if m.startswith('sb_ref'))))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_import_sb_ref_loads_the_library_only():
+    loaded = _loaded_after("import sb_ref")
+    assert "sb_ref.attention" in loaded
+    assert not any(m.startswith("sb_ref.testing") for m in loaded), sorted(loaded)
+
+
+def test_sb_ref_testing_is_imported_on_first_use_and_without_the_lessons():
+    loaded = _loaded_after("import sb_ref\nassert sb_ref.testing.make_inputs is sb_ref.testing.core.make_inputs")
+    assert "sb_ref.testing" in loaded
+    assert not any(m.startswith("sb_ref.testing.lessons") for m in loaded), sorted(loaded)
+    assert "sb_ref.testing.speed" not in loaded

@@ -1,5 +1,5 @@
 """The building blocks of every check: the float64 oracle, the input regimes, the error measure and a
-probe of the largest allocation. The learners' checks (one per exercise) are built on these.
+probe of the largest allocation. The course's checks (:mod:`sb_ref.testing.lessons`) are built on these.
 """
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -112,32 +112,3 @@ class LargestAllocation(TorchDispatchMode):
                 if n > self.numel:
                     self.numel, self.shape, self.op = n, tuple(t.shape), str(func)
         return out
-
-
-def probed_call(fn, args):
-    """``(fn(*args), probe)``: the result and a :class:`LargestAllocation` that watched the call.
-
-    A learner's function that lives in a grader's notebook kernel (it has ``run_in_kernel``) is probed there,
-    where its allocations happen; the probe comes back as a plain record.
-
-    Example:
-        >>> import torch
-        >>> result, probe = probed_call(torch.ones, (3, 4))
-        >>> probe.numel, probe.shape
-        (12, (3, 4))
-    """
-    remote = getattr(fn, "run_in_kernel", None)
-    if remote is not None:
-        result, (numel, shape, op) = remote(f"{__name__}:probed_call_record", args)
-        probe = LargestAllocation()
-        probe.numel, probe.shape, probe.op = numel, tuple(shape) if shape is not None else None, op
-        return result, probe
-    with LargestAllocation() as probe:
-        result = fn(*args)
-    return result, probe
-
-
-def probed_call_record(fn, args):
-    """:func:`probed_call` with the probe as ``(numel, shape, op)``, which can travel between processes."""
-    result, probe = probed_call(fn, args)
-    return result, (probe.numel, probe.shape, probe.op)

@@ -2,21 +2,22 @@
 warm-up), scored in tiers by the throughput ratio, and only after the numerics pass. Without a GPU there is no
 wall-clock score at all; deterministic proxies stand in, and the verdict says so:
 
-- no tensor of ``T * T`` elements is allocated (:func:`largest_allocation`);
+- no tensor of ``T * T`` elements is allocated (:func:`largest_allocation`, through :func:`probed_call`);
 - the key tiles a causal kernel visits: a Triton kernel run through the interpreter is watched, and the key
   elements it loads are counted (:func:`key_elements_loaded`); a kernel that skips the tiles above the diagonal loads
   about half of what a full sweep does.
 
 When the grader calls a learner's function in the learner's own kernel, these measurements run there, next
-to the function (a proxy's ``run_in_kernel``), with the timing primitives captured when this module was
-first imported, before any learner code ran.
+to the function (:func:`sb_ref.testing.remote.run_where_it_lives`), with the timing primitives captured when this
+module was first imported, before any learner code ran.
 """
 import statistics
 from contextlib import contextmanager
 
 import torch
 
-from .core import probed_call, rel_err
+from .core import LargestAllocation, rel_err
+from .remote import run_where_it_lives
 
 _Event, _record, _elapsed, _synchronize = (torch.cuda.Event, torch.cuda.Event.record,
                                            torch.cuda.Event.elapsed_time, torch.cuda.synchronize)
@@ -45,10 +46,6 @@ def speed_share(ratio, tiers=SPEED_TIERS):
     return 0.0
 
 
-def _remote(fn):
-    return getattr(fn, "run_in_kernel", None)
-
-
 def median_ms(fn, args, warmup=5, reps=20):
     """Median milliseconds of ``fn(*args)`` on the GPU, each repetition timed with its own CUDA events."""
     for _ in range(warmup):
@@ -67,13 +64,37 @@ def median_ms(fn, args, warmup=5, reps=20):
 def time_pair(fn, reference, args, rounds=3):
     """(learner ms, reference ms): medians, measured in alternating rounds in one process so that both see the
     same clocks and caches. A learner's function living in a notebook kernel is timed there."""
-    if _remote(fn):
-        return tuple(_remote(fn)(f"{__name__}:time_pair", reference, args, rounds))
+    return tuple(run_where_it_lives(fn, _time_pair_here, reference, args, rounds))
+
+
+def _time_pair_here(fn, reference, args, rounds):
     ours, theirs = [], []
     for _ in range(rounds):
         ours.append(median_ms(fn, args))
         theirs.append(median_ms(reference, args))
     return min(ours), min(theirs)
+
+
+def probed_call(fn, args):
+    """``(fn(*args), probe)``: the result and a :class:`~sb_ref.testing.LargestAllocation` that watched the call
+    (in the learner's kernel for a grader's proxy, where the allocations happen; the probe comes back as a record).
+
+    Example:
+        >>> import torch
+        >>> result, probe = probed_call(torch.ones, (3, 4))
+        >>> probe.numel, probe.shape
+        (12, (3, 4))
+    """
+    result, (numel, shape, op) = run_where_it_lives(fn, _probed_record, args)
+    probe = LargestAllocation()
+    probe.numel, probe.shape, probe.op = numel, tuple(shape) if shape is not None else None, op
+    return result, probe
+
+
+def _probed_record(fn, args):
+    with LargestAllocation() as probe:
+        result = fn(*args)
+    return result, (probe.numel, probe.shape, probe.op)
 
 
 def largest_allocation(fn, args):
@@ -113,8 +134,10 @@ def key_elements_loaded(fn, args, key_index=1):
     """Total number of key elements a Triton kernel loads while ``fn(*args)`` runs under the interpreter, summed
     over key rows (``args[key_index]`` is k). Divide by a full sweep's count to see how much a causal kernel
     skips. Needs TRITON_INTERPRET=1."""
-    if _remote(fn):
-        return _remote(fn)(f"{__name__}:key_elements_loaded", args, key_index)
+    return run_where_it_lives(fn, _key_elements_loaded_here, args, key_index)
+
+
+def _key_elements_loaded_here(fn, args, key_index):
     rows = {}
     with _watch_loads(args[key_index], rows):
         fn(*args)

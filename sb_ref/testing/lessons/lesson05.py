@@ -3,57 +3,36 @@
 Every exercise is a ``@triton.jit`` kernel and a small Python launcher that takes and returns torch tensors; a
 check takes the LAUNCHER, runs it on the cases that fit the exercise (lengths that are not block multiples, 0 and 1,
 transposed and sliced views where the exercise is about strides) on the GPU when there is one and on the CPU
-(Triton's interpreter) otherwise, and compares each result with a float64 torch reference. Like the checks of
-:mod:`sb_ref.testing.checks` they print one verdict line, return None, keep stderr quiet, and raise
-``AssertionError`` naming the case, the worst error, where it is, and a hint (masks, strides, the triangle's
-direction, the carry). A launcher that still raises ``NotImplementedError``, or whose kernel does, is
-"not attempted yet".
+(Triton's interpreter) otherwise, and compares each result with a float64 torch reference. They follow
+:mod:`sb_ref.testing.lessons.harness`: one verdict line, None returned, stderr quiet, ``AssertionError`` naming the
+case, the worst error, where it is, and a hint (masks, strides, the triangle's direction, the carry). A launcher
+that still raises ``NotImplementedError``, or whose kernel does, is "not attempted yet".
 """
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
-from .checks import _NOT_ATTEMPTED, _call, _case, _compare, _fmt_index, _name, _quietly, _verdict
-from .core import rel_err
+from ..core import rel_err
+from ..remote import run_where_it_lives
+from . import references
+from .harness import TOLERANCE, call, compare, default_device, fmt_case, fmt_index, name_of, quietly, verdict
 
 __all__ = ["check_scaled_copy", "check_add_row_vector", "check_tile_matmul", "check_tile_reverse_cumsum",
            "check_long_reverse_cumsum"]
 
-TOLERANCE = 1e-5  # float32 against the float64 reference, relative Frobenius (the course's float32 contract)
-
-
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _launch(check, fn, args, case, hint="", kwargs=None):
-    """:func:`_call` for a launcher: a kernel body that still raises NotImplementedError is "not attempted" too
-    (the interpreter wraps it in an InterpreterError; the compiler rejects its ``raise``)."""
-    try:
-        return _call(check, fn, args, kwargs or {}, case, hint)
-    except AssertionError as err:
-        cause = err.__cause__
-        while cause is not None:
-            compile_error = any(t.__name__ == "CompilationError" for t in type(cause).__mro__)
-            stub = isinstance(cause, NotImplementedError) or (compile_error and "NotImplementedError" in str(cause))
-            if stub:
-                raise AssertionError(_NOT_ATTEMPTED.format(check=check, fn=_name(fn)).replace(
-                    f"`{_name(fn)}` still raises", f"the kernel that `{_name(fn)}` launches still raises")) from None
-            cause = cause.__cause__ or cause.__context__
-        raise
+_TOL = TOLERANCE.output[torch.float32]  # every exercise computes in float32
 
 
 def _as_result(check, got, fn, case):
     if not isinstance(got, torch.Tensor):
-        raise AssertionError(f"{check}: `{_name(fn)}` should return a torch tensor, got {type(got).__name__}\n"
+        raise AssertionError(f"{check}: `{name_of(fn)}` should return a torch tensor, got {type(got).__name__}\n"
                              f"  case: {case}\n  hint: allocate the output in the launcher (torch.empty(...)), "
                              "launch the kernel, then return the output.")
     return got
 
 
-def _first_wrong(got, ref, tol=TOLERANCE):
+def _first_wrong(got, ref, tol=_TOL):
     """Index of the first entry (row-major) that is off by more than tol * (|ref| + 1), or None."""
     got = got.detach().to("cpu", torch.float64)
     if got.shape != ref.shape or ref.numel() == 0:
@@ -78,7 +57,7 @@ def _view(base_shape, layout, seed):
     the device that the launcher gets (``contiguous``; ``transposed``: the .T of a contiguous tensor;
     ``sliced``: every other row and every third column of a larger one)."""
     M, N = base_shape
-    device = _device()
+    device = default_device()
     if layout == "contiguous":
         x = _randn((M, N), seed).to(device, torch.float32)
     elif layout == "transposed":
@@ -93,23 +72,23 @@ def _view(base_shape, layout, seed):
 # --------------------------------------------------------------------------------------------------------------
 # exercise 1: masked loads and stores
 
-@_quietly
+@quietly
 def check_scaled_copy(scaled_copy, *, seed=0, sizes=(1000, 1, 0, 2, 127, 128, 129, 4099)):
     """``scaled_copy(x, alpha)`` -> ``alpha * x`` for a contiguous 1-D float32 tensor of any length."""
     check = "check_scaled_copy"
     for i, n in enumerate(sizes):
         alpha = float(_randn((1,), seed + 1000 + i)[0]) * 3
-        x = _randn((n,), seed + n).to(_device(), torch.float32)
-        case = _case(n=n, alpha=f"{alpha:.3f}", dtype=torch.float32)
-        got = _as_result(check, _launch(check, scaled_copy, (x.clone(), alpha), case), scaled_copy, case)
+        x = _randn((n,), seed + n).to(default_device(), torch.float32)
+        case = fmt_case(n=n, alpha=f"{alpha:.3f}", dtype=torch.float32)
+        got = _as_result(check, call(check, scaled_copy, (x.clone(), alpha), {}, case), scaled_copy, case)
         ref = alpha * x.cpu().double()
         wrong = _first_wrong(got, ref)
-        where = f"the first wrong entry is {_fmt_index(wrong)} of n = {n}. " if wrong else ""
+        where = f"the first wrong entry is {fmt_index(wrong)} of n = {n}. " if wrong else ""
         hint = (where + "Launch triton.cdiv(n, BLOCK) programs (n // BLOCK drops the last, short block), give "
                 "program pid the offsets pid * BLOCK + tl.arange(0, BLOCK), and mask the load and the store with "
                 "offsets < n.")
-        _compare(check, got, ref, TOLERANCE, case, hint)
-    _verdict(check, len(sizes), f"float32; n in {tuple(sizes)}")
+        compare(check, got, ref, _TOL, case, hint)
+    verdict(check, len(sizes), f"float32; n in {tuple(sizes)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,7 +97,7 @@ def check_scaled_copy(scaled_copy, *, seed=0, sizes=(1000, 1, 0, 2, 127, 128, 12
 _ROW_VECTOR_SHAPES = ((37, 50), (1, 1), (70, 3), (3, 70), (64, 32), (0, 4))
 
 
-@_quietly
+@quietly
 def check_add_row_vector(add_row_vector, *, seed=0, shapes=_ROW_VECTOR_SHAPES,
                          layouts=("contiguous", "transposed", "sliced")):
     """``add_row_vector(x, b)`` -> ``x + b[None, :]`` for a 2-D float32 ``x`` of any strides, ``b`` of shape (N,)."""
@@ -128,13 +107,13 @@ def check_add_row_vector(add_row_vector, *, seed=0, shapes=_ROW_VECTOR_SHAPES,
         for layout in layouts:
             x_ref, x = _view((M, N), layout, seed + 7 * M + N)
             b_ref = _randn((N,), seed + 3 * N + 1)
-            b = b_ref.to(_device(), torch.float32)
+            b = b_ref.to(default_device(), torch.float32)
             x_ref, b_ref = x_ref, b_ref.float().double()
-            case = _case(x=(M, N), layout=layout, strides=tuple(x.stride()))
-            got = _as_result(check, _launch(check, add_row_vector, (x, b.clone()), case), add_row_vector, case)
+            case = fmt_case(x=(M, N), layout=layout, strides=tuple(x.stride()))
+            got = _as_result(check, call(check, add_row_vector, (x, b.clone()), {}, case), add_row_vector, case)
             ref = x_ref + b_ref[None, :]
             wrong = _first_wrong(got, ref)
-            where = f"the first wrong entry is {_fmt_index(wrong)}. " if wrong else ""
+            where = f"the first wrong entry is {fmt_index(wrong)}. " if wrong else ""
             if layout != "contiguous":
                 hint = (where + f"x is a {layout} view with strides {tuple(x.stride())}: entry [i, j] lives at "
                         "x_ptr + i * x.stride(0) + j * x.stride(1). Pass both strides to the kernel; never assume "
@@ -143,9 +122,9 @@ def check_add_row_vector(add_row_vector, *, seed=0, shapes=_ROW_VECTOR_SHAPES,
                 hint = (where + "one program per (row block, column block): program_id(0) and program_id(1); "
                         "rows[:, None] and cols[None, :] make the tile's offsets; mask with "
                         "(rows < M)[:, None] & (cols < N)[None, :] when M or N is not a multiple of the block.")
-            _compare(check, got, ref, TOLERANCE, case, hint)
+            compare(check, got, ref, _TOL, case, hint)
             n += 1
-    _verdict(check, n, f"float32; shapes {tuple(shapes)}; layouts {', '.join(layouts)}")
+    verdict(check, n, f"float32; shapes {tuple(shapes)}; layouts {', '.join(layouts)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -154,7 +133,7 @@ def check_add_row_vector(add_row_vector, *, seed=0, shapes=_ROW_VECTOR_SHAPES,
 _MATMUL_SHAPES = ((20, 24, 36), (1, 1, 1), (33, 16, 17), (16, 80, 48), (40, 7, 5))
 
 
-@_quietly
+@quietly
 def check_tile_matmul(tile_matmul, *, seed=0, shapes=_MATMUL_SHAPES, layouts=("contiguous", "transposed", "sliced")):
     """``tile_matmul(a, b)`` -> ``a @ b`` in float32 for a (M, K), b (K, N), K small (one tile), any strides.
 
@@ -168,8 +147,8 @@ def check_tile_matmul(tile_matmul, *, seed=0, shapes=_MATMUL_SHAPES, layouts=("c
             layout_b = layouts[(j + i + 1) % len(layouts)]
             a_ref, a = _view((M, K), layout, seed + M + 11 * K)
             b_ref, b = _view((K, N), layout_b, seed + 5 * N + K + 1)
-            case = _case(a=(M, K), b=(K, N), layouts=f"a {layout}, b {layout_b}")
-            got = _as_result(check, _launch(check, tile_matmul, (a, b), case), tile_matmul, case)
+            case = fmt_case(a=(M, K), b=(K, N), layouts=f"a {layout}, b {layout_b}")
+            got = _as_result(check, call(check, tile_matmul, (a, b), {}, case), tile_matmul, case)
             ref = a_ref @ b_ref
             hint = ("one program per (BLOCK_M, BLOCK_N) tile of the output; load a [BLOCK_M, BLOCK_K] tile of a and "
                     "a [BLOCK_K, BLOCK_N] tile of b with each tensor's own strides and masks, other=0.0 (the padding "
@@ -179,20 +158,13 @@ def check_tile_matmul(tile_matmul, *, seed=0, shapes=_MATMUL_SHAPES, layouts=("c
                     and 2e-5 < rel_err(got, ref) < 1e-2:
                 hint = ("errors around 1e-3 are TF32's: pass input_precision=\"ieee\" to tl.dot for float32 "
                         "products exact to float32 rounding.")
-            _compare(check, got, ref, TOLERANCE, case, hint)
+            compare(check, got, ref, _TOL, case, hint)
             n += 1
-    _verdict(check, n, f"float32; (M, K, N) in {tuple(shapes)}; contiguous, transposed and sliced operands")
+    verdict(check, n, f"float32; (M, K, N) in {tuple(shapes)}; contiguous, transposed and sliced operands")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # exercises 4 and 5: reverse exclusive cumsums
-
-def _reverse_exclusive(x):
-    """out[:, j] = sum of x[:, k] over k > j (float64)."""
-    out = torch.zeros_like(x)
-    out[..., :-1] = x.flip(-1).cumsum(-1).flip(-1)[..., 1:]
-    return out
-
 
 def _cumsum_inputs(kind, R, n, seed):
     """(R, n) float64 values: ``normal`` ~ N(0, 1), or ``log_keep``: log(1 - beta) = -softplus(z) of logits of
@@ -232,7 +204,7 @@ def _cumsum_hint(got, x, ref, method=None):
 _TILE_SHAPES = ((5, 20), (1, 1), (37, 64), (16, 16), (3, 33), (20, 128))
 
 
-@_quietly
+@quietly
 def check_tile_reverse_cumsum(tile_reverse_cumsum, *, method="scan", seed=0, shapes=_TILE_SHAPES):
     """``tile_reverse_cumsum(x, method)`` -> ``out[:, j] = sum_{k > j} x[:, k]`` for x (R, n), n <= 128 (one tile
     holds a row), with ``method`` "scan" (tl.cumsum) or "matmul" (tl.dot with a triangular 0/1 matrix)."""
@@ -243,14 +215,14 @@ def check_tile_reverse_cumsum(tile_reverse_cumsum, *, method="scan", seed=0, sha
     for R, n in shapes:
         for kind in ("normal", "log_keep"):
             x_ref = _cumsum_inputs(kind, R, n, seed + R * 131 + n).float().double()
-            x = x_ref.to(_device(), torch.float32)
-            case = _case(method=repr(method), x=(R, n), values=kind)
-            got = _as_result(check, _launch(check, tile_reverse_cumsum, (x.clone(), method), case),
+            x = x_ref.to(default_device(), torch.float32)
+            case = fmt_case(method=repr(method), x=(R, n), values=kind)
+            got = _as_result(check, call(check, tile_reverse_cumsum, (x.clone(), method), {}, case),
                              tile_reverse_cumsum, case)
-            ref = _reverse_exclusive(x_ref)
-            _compare(check, got, ref, TOLERANCE, case, _cumsum_hint(got, x_ref, ref, method))
+            ref = references.reverse_exclusive(x_ref)
+            compare(check, got, ref, _TOL, case, _cumsum_hint(got, x_ref, ref, method))
             n_cases += 1
-    _verdict(check, n_cases, f"method={method!r}; float32; (rows, n) in {tuple(shapes)}")
+    verdict(check, n_cases, f"method={method!r}; float32; (rows, n) in {tuple(shapes)}")
 
 
 _LONG_CASES = ((3, 100, 32), (1, 1, 16), (20, 64, 16), (5, 257, 64), (4, 33, 32), (2, 0, 16), (17, 1000, 128))
@@ -285,12 +257,7 @@ def _widest_load(fn, args):
     return result, widest[0]
 
 
-def _widest_load_record(fn, args):
-    """:func:`_widest_load` run where the learner's function lives (a grader's notebook kernel)."""
-    return _widest_load(fn, args)
-
-
-@_quietly
+@quietly
 def check_long_reverse_cumsum(long_reverse_cumsum, *, seed=0, cases=_LONG_CASES):
     """``long_reverse_cumsum(x, block)`` -> ``out[:, j] = sum_{k > j} x[:, k]`` for x (R, n) of any length n, walking
     blocks of ``block`` columns right to left with a carry. ``cases`` lists (R, n, block).
@@ -310,34 +277,30 @@ def check_long_reverse_cumsum(long_reverse_cumsum, *, seed=0, cases=_LONG_CASES)
             x_ref, x = _view((R, n), layout, seed + 17 * R + n)
             if kind == "log_keep":
                 x_ref = -F.softplus(12 * x_ref).float().double()
-                x = x_ref.to(_device(), torch.float32)
-            case = _case(x=(R, n), block=block, layout=layout, values=kind)
-            got = _as_result(check, _launch(check, long_reverse_cumsum, (x, block), case, compile_hint),
+                x = x_ref.to(default_device(), torch.float32)
+            case = fmt_case(x=(R, n), block=block, layout=layout, values=kind)
+            got = _as_result(check, call(check, long_reverse_cumsum, (x, block), {}, case, compile_hint),
                              long_reverse_cumsum, case)
-            ref = _reverse_exclusive(x_ref)
+            ref = references.reverse_exclusive(x_ref)
             hint = _cumsum_hint(got, x_ref, ref) or walk_hint
             if layout != "contiguous":
                 hint += f" Here x is a {layout} view (strides {tuple(x.stride())}): pass its strides."
             elif n % block:
                 hint += f" Here n = {n} is not a multiple of block = {block}."
-            _compare(check, got, ref, TOLERANCE, case, hint)
+            compare(check, got, ref, _TOL, case, hint)
             n_cases += 1
     # the walk itself: a kernel that loads whole rows at once is not the exercise
     R, n, block = 4, 200, 32
-    x = _cumsum_inputs("normal", R, n, seed).to(_device(), torch.float32)
-    case = _case(x=(R, n), block=block, layout="contiguous", values="normal")
-    remote = getattr(long_reverse_cumsum, "run_in_kernel", None)
-    if remote is not None:
-        got, widest = remote(f"{__name__}:_widest_load_record", (x, block))
-    else:
-        watching = functools.wraps(long_reverse_cumsum)(lambda *args: _widest_load(long_reverse_cumsum, args))
-        got, widest = _launch(check, watching, (x, block), case)
-    _compare(check, got, _reverse_exclusive(x.cpu().double()), TOLERANCE, case, walk_hint)
+    x = _cumsum_inputs("normal", R, n, seed).to(default_device(), torch.float32)
+    case = fmt_case(x=(R, n), block=block, layout="contiguous", values="normal")
+    got, widest = call(check, lambda *args: run_where_it_lives(long_reverse_cumsum, _widest_load, args), (x, block),
+                       {}, case, label=name_of(long_reverse_cumsum))
+    compare(check, got, references.reverse_exclusive(x.cpu().double()), _TOL, case, walk_hint)
     if widest is not None and widest > block:
         raise AssertionError(
             f"{check}: one tl.load read {widest} columns of x for {case}; the walk loads at most block = {block} "
             f"columns at a time.\n  hint: the kernel must work for rows far longer than a tile: loop over column "
             "blocks from the last one back to 0 and carry the running sum, as lesson 06's key loop will.")
     note = "" if widest is None else f"; at most {widest} columns per load"
-    _verdict(check, n_cases + 1, f"float32; (rows, n, block) in {tuple(cases)}; contiguous, transposed and sliced"
-             + note)
+    verdict(check, n_cases + 1, f"float32; (rows, n, block) in {tuple(cases)}; contiguous, transposed and sliced"
+            + note)

@@ -12,110 +12,22 @@ longer than those they were trained on. The checks never train anything: they te
   (one repeated token gives the same logits at every position), and the pre-norm residual wiring;
 - :func:`check_evaluate`: accuracy on the read positions, against models whose answers are known.
 
-Like the checks of :mod:`sb_ref.testing.checks` they print one verdict line, return None, keep stderr quiet, and
-raise ``AssertionError`` naming the case, what is wrong and where, and a hint; a function that still raises
-``NotImplementedError`` is "not attempted yet".
+They follow :mod:`sb_ref.testing.lessons.harness`: one verdict line, None returned, stderr quiet, ``AssertionError``
+naming the case, what is wrong and where, and a hint; a function that still raises ``NotImplementedError`` is "not
+attempted yet". The pieces that hand the learner objects that cannot travel between processes (a random generator,
+a model with known answers) or take the learner's model apart run where the learner's code lives
+(:func:`sb_ref.testing.remote.run_where_it_lives`); what comes back is tensors, numbers and strings, judged here.
 """
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .checks import _call, _case, _compare, _name, _quiet, _quietly, _unpack, _verdict
+from ..remote import run_where_it_lives
+from . import references
+from .harness import call, compare, fmt_case, name_of, quietly, unpack, verdict
+from .references import BIT1, IGNORE, P_READ, P_WRITE, READ, VOCAB_SIZE, WRITE, last_write_index
 
 __all__ = ["check_flip_flop_batch", "check_rope", "check_tiny_lm", "check_evaluate"]
-
-# The flip-flop vocabulary: the two bits are tokens 0 and 1, then the three instructions.
-BIT0, BIT1, WRITE, IGNORE, READ = 0, 1, 2, 3, 4
-VOCAB_SIZE = 5
-P_WRITE, P_READ = 0.1, 0.2  # the lesson's instruction probabilities (after the first, which is always a write)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# references
-
-def _flip_flop(batch, length, generator, p_write=P_WRITE, p_read=P_READ):
-    """Reference flip-flop batch: ``(tokens, read_mask)``, both (batch, length); instructions at even positions."""
-    n = length // 2
-    u = torch.rand(batch, n, generator=generator, dtype=torch.float64)
-    instr = torch.where(u < p_write, WRITE, torch.where(u < p_write + p_read, READ, IGNORE))
-    instr[:, 0] = WRITE
-    bits = torch.randint(0, 2, (batch, n), generator=generator)
-    bits = torch.where(instr == READ, bits.gather(1, _last_write_index(instr == WRITE)), bits)
-    tokens = torch.stack([instr, bits], 2).reshape(batch, 2 * n)
-    mask = torch.stack([torch.zeros_like(instr, dtype=torch.bool), instr == READ], 2).reshape(batch, 2 * n)
-    return tokens, mask
-
-
-def _last_write_index(is_write):
-    """Index of the last True at or before each position along dim 1 (0 where there is none)."""
-    n = is_write.shape[1]
-    return torch.where(is_write, torch.arange(n), 0).cummax(1).values
-
-
-def _ref_rope(x, positions, base=10000.0, pairs="interleaved"):
-    """RoPE in float64: pairs (x[2m], x[2m+1]) rotate by positions * base^(-2m/d) (``pairs="halves"``: x[m] with
-    x[m + d/2], the other common layout)."""
-    x = x.detach().to("cpu", torch.float64)
-    d = x.shape[-1]
-    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    angle = positions.detach().to("cpu", torch.float64)[:, None] * theta[None, :]
-    cos, sin = angle.cos(), angle.sin()
-    if pairs == "halves":
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
-
-
-class _SoftmaxRopeAttention(nn.Module):
-    """The lesson's causal softmax attention with RoPE (same parameter names), on the reference RoPE (``rope``)."""
-
-    rope = staticmethod(_ref_rope)
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x):
-        B, T, E = x.shape
-        H, d = self.num_heads, self.head_dim
-        q, k, v = (p(x).view(B, T, H, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        positions = torch.arange(T)
-        q, k = self.rope(q, positions).to(x.dtype), self.rope(k, positions).to(x.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
-
-
-def _reference_forward(model, tokens):
-    """The lesson's wiring, run on the model's own modules: embedding, pre-norm residual blocks, norm, head."""
-    x = model.embed(tokens)
-    for block in model.blocks:
-        x = x + block.attn(block.norm1(x))
-        x = x + block.mlp(block.norm2(x))
-    return model.head(model.norm(x))
-
-
-def _ref_accuracy(logits, tokens, mask):
-    """Accuracy over all read positions of the batch: the logits at t - 1 predict the token at t."""
-    hit = logits[:, :-1].argmax(-1) == tokens[:, 1:]
-    return float(hit[mask[:, 1:]].double().mean())
-
-
-def _where_it_lives(fn, helper, args):
-    """``helper(fn, args)`` where ``fn`` lives: in the learner's notebook kernel when the course's grader holds a
-    proxy of it (``run_in_kernel``), else here. For the pieces of a check that hand the learner objects that cannot
-    travel between processes (a random generator, a model with known answers) or take the learner's model apart;
-    what comes back is tensors, numbers and strings, judged here."""
-    remote = getattr(fn, "run_in_kernel", None)
-    if remote is not None:
-        return remote(f"{__name__}:{helper.__name__}", args)
-    return helper(fn, args)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -132,7 +44,7 @@ def _fmt_tokens(row):
     return " ".join(names[int(a)] + names[int(b)] for a, b in zip(row[0::2], row[1::2]))
 
 
-@_quietly
+@quietly
 def check_flip_flop_batch(flip_flop_batch, *, seed=0, sizes=((4, 16), (3, 2), (8, 64), (2, 130)),
                           p_write=P_WRITE, p_read=P_READ):
     """Lesson 09: ``flip_flop_batch(batch, length, generator)`` -> ``(tokens, read_mask)``, both (batch, length).
@@ -140,30 +52,30 @@ def check_flip_flop_batch(flip_flop_batch, *, seed=0, sizes=((4, 16), (3, 2), (8
     ``sizes`` lists (batch, length) pairs (lengths even); the frequencies are tested on one large batch.
     """
     check = "check_flip_flop_batch"
-    label = _name(flip_flop_batch)
+    label = name_of(flip_flop_batch)
 
     def seeded(batch, length, seed):
-        return _where_it_lives(flip_flop_batch, _flip_flop_seeded, (batch, length, seed))
+        return run_where_it_lives(flip_flop_batch, _flip_flop_seeded, (batch, length, seed))
 
     n_reads = 0
     for batch, length in sizes:
-        case = _case(batch=batch, length=length, seed=seed + length)
-        result = _call(check, seeded, (batch, length, seed + length), {}, case, label=label)
-        tokens, mask = _unpack(result, 2, check, flip_flop_batch, case, ("tokens", "read_mask"))
+        case = fmt_case(batch=batch, length=length, seed=seed + length)
+        result = call(check, seeded, (batch, length, seed + length), {}, case, label=label)
+        tokens, mask = unpack(result, 2, check, flip_flop_batch, case, ("tokens", "read_mask"))
         _check_format(check, tokens, mask, batch, length, case)
         n_reads += int(mask.sum())
-        again = _call(check, seeded, (batch, length, seed + length), {}, case, label=label)
+        again = call(check, seeded, (batch, length, seed + length), {}, case, label=label)
         if not (torch.equal(again[0], tokens) and torch.equal(again[1], mask)):
             raise AssertionError(f"{check}: two calls with generators seeded alike gave different batches\n"
                                  f"  case: {case}\n  hint: draw every random number from the `generator` you are "
                                  "given (torch.rand(..., generator=generator), torch.randint(..., generator=generator)), "
                                  "never from the global random state.")
     batch, length = 256, 256
-    case = _case(batch=batch, length=length, seed=seed + 1)
-    tokens, mask = _unpack(_call(check, seeded, (batch, length, seed + 1), {}, case, label=label), 2, check,
-                           flip_flop_batch, case, ("tokens", "read_mask"))
+    case = fmt_case(batch=batch, length=length, seed=seed + 1)
+    tokens, mask = unpack(call(check, seeded, (batch, length, seed + 1), {}, case, label=label), 2, check,
+                          flip_flop_batch, case, ("tokens", "read_mask"))
     _check_format(check, tokens, mask, batch, length, case)
-    other = _call(check, seeded, (batch, length, seed + 2), {}, case, label=label)
+    other = call(check, seeded, (batch, length, seed + 2), {}, case, label=label)
     if torch.equal(other[0], tokens):
         raise AssertionError(f"{check}: generators with different seeds gave the same batch\n  case: {case}\n"
                              "  hint: draw every random number from the `generator` you are given.")
@@ -185,9 +97,9 @@ def check_flip_flop_batch(flip_flop_batch, *, seed=0, sizes=((4, 16), (3, 2), (8
             raise AssertionError(f"{check}: the bits after '{name[0]}' instructions are 1 with frequency {ones:.3f}, "
                                  f"expected about 0.5, for {case}\n  hint: the bits of writes and ignores are fair "
                                  "coin flips (torch.randint(0, 2, ..., generator=generator)).")
-    _verdict(check, len(sizes) + 1, f"format, every read's bit ({n_reads} reads), frequencies write "
-                                    f"{freq['write']:.3f}, read {freq['read']:.3f}, ignore {freq['ignore']:.3f}; "
-                                    "same seed, same batch")
+    verdict(check, len(sizes) + 1, f"format, every read's bit ({n_reads} reads), frequencies write "
+            f"{freq['write']:.3f}, read {freq['read']:.3f}, ignore {freq['ignore']:.3f}; "
+            "same seed, same batch")
 
 
 def _check_format(check, tokens, mask, batch, length, case):
@@ -227,11 +139,11 @@ def _check_format(check, tokens, mask, batch, length, case):
                              "  hint: read_mask is True exactly at the BIT positions that follow an 'r' instruction "
                              "(odd positions t with tokens[t - 1] == 4): the answers the model is graded on.")
     instr, bits = tokens[:, 0::2], tokens[:, 1::2]
-    last = bits.gather(1, _last_write_index(instr == WRITE))
+    last = bits.gather(1, last_write_index(instr == WRITE))
     bad = (instr == READ) & (bits != last)
     if bool(bad.any()):
         b, p = (int(i) for i in bad.nonzero()[0])
-        w = int(_last_write_index(instr == WRITE)[b, p])
+        w = int(last_write_index(instr == WRITE)[b, p])
         raise AssertionError(f"{check}: the read at position {2 * p + 1} of sequence {b} holds bit {int(bits[b, p])}, "
                              f"but the last write before it (position {2 * w + 1}) wrote {int(bits[b, w])}\n"
                              f"  case: {case}\n  sequence {b}: {_fmt_tokens(tokens[b][:2 * p + 2])} ...\n"
@@ -262,7 +174,7 @@ def _positions(kind, T, gen):
     return torch.arange(T)
 
 
-@_quietly
+@quietly
 def check_rope(rope, *, seed=0, cases=_ROPE_CASES):
     """Lesson 09: ``rope(x, positions)`` for x (..., T, d) with d even and positions (T,) integers.
 
@@ -275,10 +187,10 @@ def check_rope(rope, *, seed=0, cases=_ROPE_CASES):
     d, offset = 16, 5
     q, k = torch.randn(2, d, generator=gen, dtype=torch.float64)
     pos_k = torch.tensor([0, 3, 40, 120, 250])
-    case = _case(d=d, query_positions=tuple((pos_k + offset).tolist()), key_positions=tuple(pos_k.tolist()),
-                 dtype=torch.float64)
-    q_rot = _call(check, rope, (q.expand(len(pos_k), d).clone(), pos_k + offset), {}, case)
-    k_rot = _call(check, rope, (k.expand(len(pos_k), d).clone(), pos_k.clone()), {}, case)
+    case = fmt_case(d=d, query_positions=tuple((pos_k + offset).tolist()), key_positions=tuple(pos_k.tolist()),
+                    dtype=torch.float64)
+    q_rot = call(check, rope, (q.expand(len(pos_k), d).clone(), pos_k + offset), {}, case)
+    k_rot = call(check, rope, (k.expand(len(pos_k), d).clone(), pos_k.clone()), {}, case)
     dots = [float(torch.as_tensor(a).double() @ torch.as_tensor(b).double()) for a, b in zip(q_rot, k_rot)]
     spread = max(dots) - min(dots)
     if not spread <= 1e-3 * float(q.norm() * k.norm()):  # loose: float32 angles are graded below, not here
@@ -292,17 +204,17 @@ def check_rope(rope, *, seed=0, cases=_ROPE_CASES):
     for shape, kind, dtype in cases:
         x = torch.randn(*shape, generator=gen, dtype=torch.float64)
         positions = _positions(kind, shape[-2], gen)
-        case = _case(x=tuple(shape), dtype=dtype, positions=tuple(positions.tolist()))
-        got = _call(check, rope, (x.to(dtype), positions.clone()), {}, case)
+        case = fmt_case(x=tuple(shape), dtype=dtype, positions=tuple(positions.tolist()))
+        got = call(check, rope, (x.to(dtype), positions.clone()), {}, case)
         if isinstance(got, torch.Tensor) and got.dtype != dtype:
             raise AssertionError(f"{check}: rope returned {got.dtype} for {dtype} input\n  case: {case}\n"
                                  "  hint: compute the angles in float64, then cast cos and sin to x.dtype.")
-        ref = _ref_rope(x.to(dtype), positions)
-        worst = max(worst, _compare(check, got, ref, 1e-12 if dtype == torch.float64 else 1e-5, case,
-                                    _rope_hint(got, x.to(dtype), positions), what="rope(x, positions)"))
+        ref = references.rope(x.to(dtype), positions)
+        worst = max(worst, compare(check, got, ref, 1e-12 if dtype == torch.float64 else 1e-5, case,
+                                   _rope_hint(got, x.to(dtype), positions), what="rope(x, positions)"))
         n += 1
-    _verdict(check, n, f"q . k depends only on i - j; {n - 1} shapes and position sets (offset, shuffled, up to "
-                       "600) in float64 and float32", worst)
+    verdict(check, n, f"q . k depends only on i - j; {n - 1} shapes and position sets (offset, shuffled, up to "
+            "600) in float64 and float32", worst)
 
 
 def _rope_hint(got, x, positions):
@@ -312,16 +224,16 @@ def _rope_hint(got, x, positions):
     def close(ref):
         return got is not None and got.shape == ref.shape and float((got - ref).abs().max()) < 1e-4
 
-    if close(_ref_rope(x, positions)):
+    if close(references.rope(x, positions)):
         return ("nearly right, but not to the last digits: compute the angles positions * theta_m in float64 (a "
                 "float32 angle of position 500 is off by ~3e-5), then cast cos and sin to x.dtype.")
-    if close(_ref_rope(x, positions, pairs="halves")):
+    if close(references.rope(x, positions, pairs="halves")):
         return ("your rotation pairs x[m] with x[m + d/2]; this course pairs neighbours, (x[2m], x[2m + 1]) "
                 "(x[..., 0::2] and x[..., 1::2]), rotated by positions * theta_m, theta_m = base^(-2m/d), "
                 "and interleaves the results back.")
-    if T > 1 and close(_ref_rope(x, torch.arange(T))):
+    if T > 1 and close(references.rope(x, torch.arange(T))):
         return "rotate by the positions you are given, not by 0, 1, ..., T - 1."
-    if close(_ref_rope(x, -positions)):
+    if close(references.rope(x, -positions)):
         return "the rotation goes the other way: (x1 cos - x2 sin, x1 sin + x2 cos) for the pair (x1, x2)."
     return ("pairs (x[2m], x[2m + 1]) rotate by the angle positions * theta_m with theta_m = base^(-2m/d) for "
             "m = 0 .. d/2 - 1 (base 10000): (x1 cos - x2 sin, x1 sin + x2 cos). Compute the angles in float64 (a "
@@ -355,7 +267,7 @@ def _tiny_lm_outputs(model_class, args):
         model = model.double().eval()
         if kwargs["attention"] == "softmax_rope":
             for block in model.blocks:
-                reference = _SoftmaxRopeAttention(kwargs["dim"], kwargs["num_heads"]).double()
+                reference = references.SoftmaxRopeAttention(kwargs["dim"], kwargs["num_heads"]).double()
                 reference.load_state_dict(block.attn.state_dict())
                 block.attn = reference
     except Exception as exc:
@@ -371,13 +283,13 @@ def _tiny_lm_outputs(model_class, args):
             return "forward", f"{type(exc).__name__}: {exc}"
     try:
         with torch.no_grad():
-            want = _reference_forward(model, batches[0])
+            want = references.tiny_lm_forward(model, batches[0])
     except Exception as exc:
         return "reference", f"{type(exc).__name__}: {exc}"
     return "ok", outputs, want
 
 
-@_quietly
+@quietly
 def check_tiny_lm(model_class, *, seed=0, configs=_LM_CONFIGS, attentions=("stick_breaking", "softmax_rope")):
     """Lesson 09: ``TinyLM(attention, vocab_size, dim, num_heads, num_layers)``'s forward: tokens (B, T) -> logits
     (B, T, vocab_size), causal, no positional information outside attention, the lesson's pre-norm wiring.
@@ -387,25 +299,25 @@ def check_tiny_lm(model_class, *, seed=0, configs=_LM_CONFIGS, attentions=("stic
     """
     check = "check_tiny_lm"
     n, worst = 0, 0.0
-    label = f"{_name(model_class)}.forward"
+    label = f"{name_of(model_class)}.forward"
     for config in configs:
         config = dict(config)
         B, T = config.pop("B"), config.pop("T")
         for attention in attentions:
             kwargs = dict(attention=attention, vocab_size=VOCAB_SIZE, **config)
-            case = _case(**kwargs, tokens=(B, T))
+            case = fmt_case(**kwargs, tokens=(B, T))
             gen = torch.Generator().manual_seed(seed + 100 + n)
             tokens = torch.randint(0, VOCAB_SIZE, (B, T), generator=gen)
             s = T // 2  # causality: the second half changed, the first half must not move
             changed = tokens.clone()
             changed[:, s:] = (tokens[:, s:] + torch.randint(1, VOCAB_SIZE, (B, T - s), generator=gen)) % VOCAB_SIZE
             same = torch.full((1, max(T, 6)), IGNORE)
-            result = _call(check, lambda: _where_it_lives(model_class, _tiny_lm_outputs,
-                                                          (kwargs, seed + n, [tokens, changed, same])),
-                           (), {}, case, label=label)
+            result = call(check, lambda: run_where_it_lives(model_class, _tiny_lm_outputs,
+                                                            (kwargs, seed + n, [tokens, changed, same])),
+                          (), {}, case, label=label)
             stage = result[0]
             if stage == "constructor":
-                raise AssertionError(f"{check}: `{_name(model_class)}` raised {result[1]}\n  case: {case}\n"
+                raise AssertionError(f"{check}: `{name_of(model_class)}` raised {result[1]}\n  case: {case}\n"
                                      "  hint: keep the constructor you were given; write forward only.")
             if stage in ("setup", "reference"):
                 raise AssertionError(f"{check}: your model lacks a module of the given constructor: {result[1]}\n"
@@ -439,74 +351,35 @@ def check_tiny_lm(model_class, *, seed=0, configs=_LM_CONFIGS, attentions=("stic
                                      "variant from the rotation inside its attention. Over identical tokens the "
                                      "weights of each query sum to 1 (with the remainder) over identical values, so "
                                      "nothing can tell the positions apart.")
-            worst = max(worst, _compare(check, got, want, 1e-12, case, _WIRING, what="the output"))
+            worst = max(worst, compare(check, got, want, 1e-12, case, _WIRING, what="the output"))
             n += 1
-    _verdict(check, n, f"variants {', '.join(attentions)}; shapes, causal, no positional encoding, pre-norm wiring; "
-                       "float64", worst)
+    verdict(check, n, f"variants {', '.join(attentions)}; shapes, causal, no positional encoding, pre-norm wiring; "
+            "float64", worst)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # exercise 4: evaluate
 
-class _RuleModel(nn.Module):
-    """A 'model' whose answers are known: at every 'r' token it puts its logits on the bit that ``rule`` picks
-    (a (B, n_pairs) tensor of bits per instruction); at every other position on the 'i' token."""
-
-    def __init__(self, rule):
-        super().__init__()
-        self.rule = rule
-        self.dummy = nn.Parameter(torch.zeros(()))  # so that next(model.parameters()) gives the device
-
-    def forward(self, tokens):
-        B, T = tokens.shape
-        guess = torch.full((B, T), IGNORE, dtype=torch.long, device=tokens.device)
-        instr, bits = tokens[:, 0::2], tokens[:, 1::2]
-        guess[:, 0::2] = torch.where(instr == READ, self.rule(instr, bits), IGNORE)
-        return 10.0 * F.one_hot(guess, VOCAB_SIZE).float() + 0.0 * self.dummy
-
-
-def _last_write_rule(instr, bits):
-    return bits.gather(1, _last_write_index(instr == WRITE))
-
-
-def _first_write_rule(instr, bits):
-    return bits[:, :1].expand_as(bits)
-
-
-def _zero_rule(instr, bits):
-    return torch.zeros_like(bits)
-
-
-def _previous_bit_rule(instr, bits):
-    return torch.cat([bits[:, :1], bits[:, :-1]], 1)
-
-
-_RULES = (("predicts the last written bit (always right)", _last_write_rule),
-          ("always predicts 0", _zero_rule),
-          ("predicts the first written bit", _first_write_rule),
-          ("predicts the bit of the previous pair", _previous_bit_rule))
-
-
 def _evaluate_rule_model(evaluate, args):
-    """``evaluate(model, tokens, read_mask)`` for a :class:`_RuleModel` of rule ``_RULES[index]``: args (index,
-    tokens, read_mask)."""
+    """``evaluate(model, tokens, read_mask)`` for a :class:`~sb_ref.testing.lessons.references.RuleModel` of rule
+    ``RULES[index]``: args (index, tokens, read_mask)."""
     index, tokens, mask = args
-    return evaluate(_RuleModel(_RULES[index][1]), tokens, mask)
+    return evaluate(references.RuleModel(references.RULES[index][1]), tokens, mask)
 
 
-@_quietly
+@quietly
 def check_evaluate(evaluate, *, seed=0, sizes=((8, 64), (3, 130), (16, 20))):
     """Lesson 09: ``evaluate(model, tokens, read_mask)`` -> the model's accuracy (a float) on the read positions,
     tested with models whose answers are known on flip-flop batches of ``sizes`` (batch, length)."""
     check = "check_evaluate"
     n = 0
     for batch, length in sizes:
-        tokens, mask = _flip_flop(batch, length, torch.Generator().manual_seed(seed + length))
-        for index, (what, rule) in enumerate(_RULES):
-            model = _RuleModel(rule)
-            case = _case(model=f"one that {what}", tokens=(batch, length), reads=int(mask.sum()))
-            got = _call(check, lambda *args: _where_it_lives(evaluate, _evaluate_rule_model, args),
-                        (index, tokens.clone(), mask.clone()), {}, case, label=_name(evaluate))
+        tokens, mask = references.flip_flop(batch, length, torch.Generator().manual_seed(seed + length))
+        for index, (what, rule) in enumerate(references.RULES):
+            model = references.RuleModel(rule)
+            case = fmt_case(model=f"one that {what}", tokens=(batch, length), reads=int(mask.sum()))
+            got = call(check, lambda *args: run_where_it_lives(evaluate, _evaluate_rule_model, args),
+                       (index, tokens.clone(), mask.clone()), {}, case, label=name_of(evaluate))
             try:
                 got = float(got)
             except (TypeError, ValueError):
@@ -514,12 +387,12 @@ def check_evaluate(evaluate, *, seed=0, sizes=((8, 64), (3, 130), (16, 20))):
                                      f"{type(got).__name__}\n  case: {case}") from None
             with torch.no_grad():
                 logits = model(tokens)
-            want = _ref_accuracy(logits, tokens, mask)
+            want = references.flip_flop_accuracy(logits, tokens, mask)
             if not abs(got - want) <= 1e-6:  # float32 means are fine
                 raise AssertionError(f"{check}: accuracy {got:.6f}, expected {want:.6f}\n  case: {case}\n"
                                      f"  hint: {_evaluate_hint(got, logits, tokens, mask)}")
             n += 1
-    _verdict(check, n, "models with known answers: always right, always 0, first write, previous pair")
+    verdict(check, n, "models with known answers: always right, always 0, first write, previous pair")
 
 
 def _evaluate_hint(got, logits, tokens, mask):

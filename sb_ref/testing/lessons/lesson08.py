@@ -15,7 +15,7 @@ that skips the key tiles above the diagonal.
 
 Like the other checks they print one verdict line, keep stderr silent, raise ``AssertionError`` with a message a
 learner can act on, and say "not attempted yet" for a stub. A learner's function that lives in the grader's
-notebook kernel (it has ``run_in_kernel``) is timed there, next to its code.
+notebook kernel is timed there, next to its code (:func:`sb_ref.testing.remote.run_where_it_lives`).
 """
 import math
 import statistics
@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from .checks import TOLERANCE, _call, _case, _compare, _name, _NOT_ATTEMPTED, _quietly, _verdict
-from .core import REGIMES, make_inputs, oracle_attention
-from .speed import check_speed, reference_attention
+from ..core import REGIMES, make_inputs, oracle_attention
+from ..remote import run_where_it_lives
+from ..speed import check_speed, reference_attention
+from .harness import TOLERANCE, call, compare, fmt_case, name_of, not_attempted, quietly, verdict
 
 __all__ = ["check_attention_flops", "check_median_ms", "check_fast_forward",
            "FAST_FORWARD_TIERS", "SWEEP_BLOCK_M"]
@@ -67,7 +68,7 @@ def _flop_hint(ratio, causal, backward):
             "(use floats or ints, no rounding).")
 
 
-@_quietly
+@quietly
 def check_attention_flops(attention_flops, *, seed=0):
     """Lesson 08: ``attention_flops(B, H, T, D, causal=True, backward=False)`` -> FLOPs as the benchmark counts them."""
     check = "check_attention_flops"
@@ -78,13 +79,13 @@ def check_attention_flops(attention_flops, *, seed=0):
     for B, H, T, D in shapes:
         for causal in (True, False):
             for backward in (False, True):
-                case = _case(B=B, H=H, T=T, D=D, causal=causal, backward=backward)
-                got = _call(check, attention_flops, (B, H, T, D), {"causal": causal, "backward": backward}, case)
+                case = fmt_case(B=B, H=H, T=T, D=D, causal=causal, backward=backward)
+                got = call(check, attention_flops, (B, H, T, D), {"causal": causal, "backward": backward}, case)
                 want = _flops(B, H, T, D, causal, backward)
                 try:
                     value = float(got)
                 except (TypeError, ValueError):
-                    raise AssertionError(f"{check}: `{_name(attention_flops)}` should return a number, got "
+                    raise AssertionError(f"{check}: `{name_of(attention_flops)}` should return a number, got "
                                          f"{type(got).__name__}\n  case: {case}") from None
                 if not math.isclose(value, want, rel_tol=1e-9):
                     ratio = value / want
@@ -92,7 +93,7 @@ def check_attention_flops(attention_flops, *, seed=0):
                     raise AssertionError(f"{check}: wrong count for {case}: got {value:.6g}, expected {want:.6g} "
                                          f"({ratio:.3g} times the answer)\n  hint: {hint}")
                 n += 1
-    _verdict(check, n, "the benchmark's shapes, T = 1 and random shapes; causal and backward both ways")
+    verdict(check, n, "the benchmark's shapes, T = 1 and random shapes; causal and backward both ways")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,14 +146,7 @@ def _gpu_trial(median_ms, target_ms=4.0):
     return value, statistics.median(times)
 
 
-def _in_kernel(fn, helper, *args):
-    remote = getattr(fn, "run_in_kernel", None)
-    if remote is not None:
-        return remote(f"{__name__}:{helper.__name__}", *args)
-    return helper(fn, *args)
-
-
-@_quietly
+@quietly
 def check_median_ms(median_ms, *, seed=0):
     """Lesson 08: ``median_ms(fn, *args, warmup=3, reps=10)`` -> median milliseconds of the timed calls of fn(*args).
 
@@ -169,11 +163,11 @@ def check_median_ms(median_ms, *, seed=0):
         case = f"warmup={warmup}, reps={reps}; a fake fn whose warm-up calls take {warmup_ms:g} ms and whose timed calls " \
                f"take {', '.join(f'{t:g}' for t in timed)} ms"
         try:
-            value, n_calls, args_ok = _in_kernel(median_ms, _sleep_trial, warmup_ms, timed, warmup, reps)
+            value, n_calls, args_ok = run_where_it_lives(median_ms, _sleep_trial, warmup_ms, timed, warmup, reps)
         except NotImplementedError:
-            raise AssertionError(_NOT_ATTEMPTED.format(check=check, fn=_name(median_ms))) from None
+            raise not_attempted(check, f"`{name_of(median_ms)}`") from None
         except Exception as exc:
-            raise AssertionError(f"{check}: `{_name(median_ms)}` raised {type(exc).__name__}: {exc}\n  case: {case}")
+            raise AssertionError(f"{check}: `{name_of(median_ms)}` raised {type(exc).__name__}: {exc}\n  case: {case}")
         if n_calls != warmup + reps:
             raise AssertionError(f"{check}: fn was called {n_calls} times, expected warmup + reps = {warmup + reps}\n"
                                  f"  case: {case}\n  hint: call fn(*args) `warmup` times without timing them, then "
@@ -182,7 +176,7 @@ def check_median_ms(median_ms, *, seed=0):
             raise AssertionError(f"{check}: fn did not get the arguments passed to median_ms\n  case: {case}\n"
                                  "  hint: call fn(*args) every time.")
         if isinstance(value, str):
-            raise AssertionError(f"{check}: `{_name(median_ms)}` returned a {value}, expected a number of "
+            raise AssertionError(f"{check}: `{name_of(median_ms)}` returned a {value}, expected a number of "
                                  f"milliseconds\n  case: {case}")
         want = statistics.median(timed)
         if not want - 0.5 <= value <= want + 4.0:
@@ -199,15 +193,15 @@ def check_median_ms(median_ms, *, seed=0):
                                  "reading the clock), convert to milliseconds, and return statistics.median.")
     detail = "call counts, arguments, warm-up left out, median in ms"
     if torch.cuda.is_available():
-        value, gpu_ms = _in_kernel(median_ms, _gpu_trial)
+        value, gpu_ms = run_where_it_lives(median_ms, _gpu_trial)
         if not 0.7 * gpu_ms <= value <= 2 * gpu_ms + 1.0:
             raise AssertionError(f"{check}: for a function that queues {gpu_ms:.2f} ms of GPU work (CUDA events), "
-                                 f"`{_name(median_ms)}` returned {value:.3g} ms\n  hint: a kernel launch returns before "
+                                 f"`{name_of(median_ms)}` returned {value:.3g} ms\n  hint: a kernel launch returns before "
                                  "the GPU has done the work: call torch.cuda.synchronize() (the notebook's "
                                  "synchronize()) after each call, before reading the clock, and once after the "
                                  "warm-up.")
         detail += f"; GPU work of {gpu_ms:.1f} ms timed as {value:.1f} ms"
-    _verdict(check, len(cases) + torch.cuda.is_available(), detail)
+    verdict(check, len(cases) + torch.cuda.is_available(), detail)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -222,7 +216,7 @@ def _make_args(seed, B, H, T, D):
     return make_args
 
 
-@_quietly
+@quietly
 def check_fast_forward(fast_forward, *, seed=0, T=64, D=16, H=2, points=3):
     """Lesson 08: ``fast_forward(q, k, v)`` -> o (causal, default scale): numerics, then speed (a Score).
 
@@ -239,15 +233,16 @@ def check_fast_forward(fast_forward, *, seed=0, T=64, D=16, H=2, points=3):
     worst = 0.0
     for regime, B_, H_, T_, D_ in cases:
         q, k, v = make_inputs(regime, B=B_, Hq=H_, T=T_, D=D_, dtype=dtype, device=device, seed=seed + T_)
-        case = _case(regime=regime, dtype=dtype, q=(B_, H_, T_, D_))
-        got = _call(check, fast_forward, (q.clone(), k.clone(), v.clone()), {}, case)
+        case = fmt_case(regime=regime, dtype=dtype, q=(B_, H_, T_, D_))
+        got = call(check, fast_forward, (q.clone(), k.clone(), v.clone()), {}, case)
         if isinstance(got, (tuple, list)):
-            raise AssertionError(f"{check}: `{_name(fast_forward)}` should return o alone (one tensor), got "
+            raise AssertionError(f"{check}: `{name_of(fast_forward)}` should return o alone (one tensor), got "
                                  f"{len(got)} values\n  case: {case}")
         hint = ("keep the given kernel's arithmetic and change where the key loop starts: the first key block to "
                 "visit (the loop runs right to left) is the one holding the block's last query, "
                 "cdiv(min((pid_m + 1) * BLOCK_M, T), BLOCK_N) blocks from the start; mask loads and stores at T.")
-        worst = max(worst, _compare(check, got, oracle_attention(q, k, v)[0], TOLERANCE[dtype], case, hint, what="o"))
+        worst = max(worst, compare(check, got, oracle_attention(q, k, v)[0], TOLERANCE.output[dtype], case, hint,
+                                   what="o"))
     print(f"{check}: numerics passed, {len(cases)} cases (regimes {', '.join(REGIMES)}; T = {T}, {T - 19} and 1; "
           f"{str(dtype).replace('torch.', '')} worst relative error {worst:.1e}).")
     full_sweep = math.ceil(T / SWEEP_BLOCK_M) * T * D * H
@@ -255,4 +250,4 @@ def check_fast_forward(fast_forward, *, seed=0, T=64, D=16, H=2, points=3):
         return check_speed(fast_forward, reference_attention, _make_args(seed, 1, H, T, D), points=points,
                            check=check, tiers=FAST_FORWARD_TIERS, full_sweep_loads=full_sweep)
     except NotImplementedError:
-        raise AssertionError(_NOT_ATTEMPTED.format(check=check, fn=_name(fast_forward))) from None
+        raise not_attempted(check, f"`{name_of(fast_forward)}`") from None

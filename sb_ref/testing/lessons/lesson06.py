@@ -8,68 +8,19 @@
   ``sb_ref``'s own kernel), for ragged lengths, T = 1, head dims that are not powers of two, Dv != D, mixed blocks;
 - :func:`check_sb_forward_memory`: memory O(T), with an allocation probe of the launcher.
 
-They follow the conventions of :mod:`sb_ref.testing.checks`: one verdict line, quiet on stderr, ``AssertionError``
-with the case, the worst error and a hint, and "not attempted yet" for a stub. A stub inside a ``@triton.jit``
-function cannot raise where it is: the interpreter wraps its ``NotImplementedError`` and the GPU compiler rejects
-the ``raise`` statement, so the checks look for the stub's message in the whole chain of exceptions.
+They follow :mod:`sb_ref.testing.lessons.harness`: one verdict line, quiet on stderr, ``AssertionError`` with the
+case, the worst error and a hint, and "not attempted yet" for a stub, also one inside a ``@triton.jit`` function
+(:func:`~sb_ref.testing.lessons.harness.find_stub`).
 """
-import re
-
 import torch
 import torch.nn.functional as F
 
-from .checks import (_NOT_ATTEMPTED, TOLERANCE, _call, _case, _compare, _logits, _name, _probe_memory, _quietly,
-                     _unpack, _verdict)
-from .core import REGIMES, make_inputs, oracle_attention, rel_err
+from ...attention import stick_breaking_attention
+from ..core import REGIMES, make_inputs, oracle_attention, rel_err
+from .harness import (TOLERANCE, call, compare, default_device, fmt_case, probe_memory, quietly, regime_logits, unpack,
+                      verdict, worst_by_dtype)
 
 __all__ = ["check_log_sigmoids_triton", "check_sb_forward", "check_sb_forward_memory"]
-
-
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _stub_name(exc):
-    """The task named by a stub ("<task>: not written yet") anywhere in ``exc``'s chain, "" for a plain
-    ``NotImplementedError`` raised by the learner's function itself, else None. A wrapped error counts only with the
-    stub's words: Triton's own NotImplementedError (say, for libdevice in the interpreter) is a real error."""
-    if isinstance(exc, NotImplementedError) and not re.search(r"\w+: not written yet", str(exc)):
-        return ""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        found = re.search(r"(\w+): not written yet", str(exc))
-        if found and (isinstance(exc, NotImplementedError) or "NotImplementedError" in str(exc)
-                      or isinstance(exc.__cause__ or exc.__context__, NotImplementedError)):
-            return found.group(1)
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-class _Stub(Exception):
-    """A stub raised somewhere inside the learner's code; its argument is the task's name."""
-
-
-def _run(check, fn, args, kwargs, case, hint="", label=None):
-    """:func:`~sb_ref.testing.checks._call`, with "not attempted yet" also for a stub that raised inside a kernel
-    (and the stub's own task name in the message, e.g. the helper a launcher runs)."""
-    label = label or _name(fn)
-
-    def guarded(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            stub = _stub_name(exc)
-            if stub is not None:
-                raise _Stub(stub or label) from None
-            raise
-
-    try:
-        return _call(check, guarded, args, kwargs, case, hint, label)
-    except AssertionError as exc:
-        if isinstance(exc.__cause__, _Stub):
-            raise AssertionError(_NOT_ATTEMPTED.format(check=check, fn=exc.__cause__.args[0])) from None
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -82,7 +33,7 @@ _LOG1P_HINT = ("with e = exp(-|z|) <= 1, log(beta) = min(z, 0) - log(1 + e) and 
                "log(u) * e / (u - 1) with u = 1 + e, and e itself where u == 1.")
 
 
-@_quietly
+@quietly
 def check_log_sigmoids_triton(log_sigmoids_of, *, seed=0, T=24):
     """Lesson 06: ``log_sigmoids_of(z)`` runs the learner's ``@triton.jit log_sigmoids`` on a float32 tensor and
     returns ``(log(beta), log(1 - beta))``; each entry must be within 1e-5 of the exact value, relative.
@@ -90,23 +41,23 @@ def check_log_sigmoids_triton(log_sigmoids_of, *, seed=0, T=24):
     The logits are those of the regimes ``random``, ``long`` and ``saturated`` (T x T of them), plus edge values.
     """
     check = "check_log_sigmoids_triton"
-    device = _device()
+    device = default_device()
     edges = torch.tensor([-50.0, -30.0, -17.0, -8.0, -1.0, -1e-3, -1e-7, 0.0, 1e-7, 1e-3, 1.0, 8.0, 17.0, 30.0, 50.0],
                          dtype=torch.float64)
-    sets = [(regime, _logits(regime, T, seed + i)) for i, regime in enumerate(REGIMES)] + [("edge values", edges)]
-    tol = TOLERANCE[torch.float32]
+    sets = [(regime, regime_logits(regime, T, seed + i)) for i, regime in enumerate(REGIMES)] + [("edge values", edges)]
+    tol = TOLERANCE.output[torch.float32]
     for what, z64 in sets:
         z = z64.to(device=device, dtype=torch.float32)
-        case = (_case(regime=what) if what in REGIMES else what) + f", float32, shape {tuple(z.shape)}, " \
+        case = (fmt_case(regime=what) if what in REGIMES else what) + f", float32, shape {tuple(z.shape)}, " \
             f"z in [{float(z.min()):.3g}, {float(z.max()):.3g}]"
-        result = _run(check, log_sigmoids_of, (z.clone(),), {}, case)
-        log_beta, log_keep = _unpack(result, 2, check, log_sigmoids_of, case, ("log(beta)", "log(1 - beta)"))
+        result = call(check, log_sigmoids_of, (z.clone(),), {}, case)
+        log_beta, log_keep = unpack(result, 2, check, log_sigmoids_of, case, ("log(beta)", "log(1 - beta)"))
         exact = z.double().cpu()
-        _compare(check, log_beta, F.logsigmoid(exact), tol, case, _LOG1P_HINT, what="log(beta)", elementwise=True)
-        _compare(check, log_keep, F.logsigmoid(-exact), tol, case, _LOG1P_HINT, what="log(1 - beta)",
-                 elementwise=True)
-    _verdict(check, len(sets), f"float32 on {device}; regimes {', '.join(REGIMES)} and edge values up to |z| = 50; "
-                               "each entry to 1e-5 relative")
+        compare(check, log_beta, F.logsigmoid(exact), tol, case, _LOG1P_HINT, what="log(beta)", elementwise=True)
+        compare(check, log_keep, F.logsigmoid(-exact), tol, case, _LOG1P_HINT, what="log(1 - beta)",
+                elementwise=True)
+    verdict(check, len(sets), f"float32 on {device}; regimes {', '.join(REGIMES)} and edge values up to |z| = 50; "
+            "each entry to 1e-5 relative")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +75,7 @@ def _forward_hint(B, H, T, D, Dv, block_m, block_n, attend_current, dtype, devic
     notes = []
     o_other, _ = oracle_attention(q, k, v, attend_current=not attend_current)
     o = o.detach().to("cpu", torch.float64) if isinstance(o, torch.Tensor) else None
-    if o is not None and o.shape == o_other.shape and rel_err(o, o_other) <= TOLERANCE[dtype]:
+    if o is not None and o.shape == o_other.shape and rel_err(o, o_other) <= TOLERANCE.output[dtype]:
         return (f"your o is the one for attend_current={not attend_current}: query i sees keys j < i, and key i too "
                 "only when attend_current=True (the ATTEND_CURRENT constexpr of the kernel).")
     if T % block_m or T % block_n:
@@ -152,32 +103,32 @@ def _forward_hint(B, H, T, D, Dv, block_m, block_n, attend_current, dtype, devic
 def _forward_case(check, sb_forward, regime, shape, dtype, attend_current, seed, device):
     B, H, T, D, Dv, block_m, block_n = shape
     q, k, v = make_inputs(regime, B=B, Hq=H, T=T, D=D, Dv=Dv, dtype=dtype, device=device, seed=seed + T + D)
-    case = _case(regime=regime, dtype=dtype, q=(B, H, T, D), v=(B, H, T, Dv), attend_current=attend_current,
-                 block_m=block_m, block_n=block_n)
-    result = _run(check, sb_forward, (q.clone(), k.clone(), v.clone()),
+    case = fmt_case(regime=regime, dtype=dtype, q=(B, H, T, D), v=(B, H, T, Dv), attend_current=attend_current,
+                    block_m=block_m, block_n=block_n)
+    result = call(check, sb_forward, (q.clone(), k.clone(), v.clone()),
                   {"attend_current": attend_current, "block_m": block_m, "block_n": block_n}, case)
-    o, rem = _unpack(result, 2, check, sb_forward, case, ("o", "rem"))
+    o, rem = unpack(result, 2, check, sb_forward, case, ("o", "rem"))
     for what, x, want in (("o", o, dtype), ("rem", rem, torch.float32)):
         if isinstance(x, torch.Tensor) and x.dtype != want:
             raise AssertionError(f"{check}: {what} is {str(x.dtype).replace('torch.', '')}, expected "
                                  f"{str(want).replace('torch.', '')}\n  case: {case}\n  hint: o comes back in q's "
                                  "dtype (accumulated in float32, cast at the store), rem in float32.")
     o_ref, rem_ref = oracle_attention(q, k, v, attend_current=attend_current)
-    tol = TOLERANCE[dtype]
+    tol = TOLERANCE.output[dtype]
     rem_hint = ("rem = exp(S) with S the carry after the last key block (1 for a query that sees no key): store it "
                 "for the rows < T, in float32. ")
     try:
-        err = max(_compare(check, o, o_ref, tol, case, "", what="o"),
-                  _compare(check, rem, rem_ref, tol, case, rem_hint, what="rem"))
+        err = max(compare(check, o, o_ref, tol, case, "", what="o"),
+                  compare(check, rem, rem_ref, tol, case, rem_hint, what="rem"))
     except AssertionError:  # the same comparisons again, now with a hint that looks at what went wrong
         hint = _forward_hint(B, H, T, D, Dv, block_m, block_n, attend_current, dtype, device, o, q, k, v)
-        _compare(check, o, o_ref, tol, case, hint, what="o")
-        _compare(check, rem, rem_ref, tol, case, rem_hint + hint, what="rem")
+        compare(check, o, o_ref, tol, case, hint, what="o")
+        compare(check, rem, rem_ref, tol, case, rem_hint + hint, what="rem")
         raise
     return err, (q, k, v, o_ref)
 
 
-@_quietly
+@quietly
 def check_sb_forward(sb_forward, *, seed=0, cases=_FORWARD_CASES, regimes=REGIMES, gpu_cases=_GPU_CASES):
     """Lesson 06: ``sb_forward(q, k, v, attend_current=False, block_m=16, block_n=16)`` -> ``(o, rem)``.
 
@@ -186,7 +137,7 @@ def check_sb_forward(sb_forward, *, seed=0, cases=_FORWARD_CASES, regimes=REGIME
     (tolerance 2.5e-3), and the verdict gives ``sb_ref``'s own error on the same bfloat16 inputs.
     """
     check = "check_sb_forward"
-    device = _device()
+    device = default_device()
     runs = [(shape, torch.float32) for shape in cases]
     if device == "cuda":
         runs += [(shape, dtype) for shape in gpu_cases for dtype in (torch.float32, torch.bfloat16)]
@@ -199,33 +150,32 @@ def check_sb_forward(sb_forward, *, seed=0, cases=_FORWARD_CASES, regimes=REGIME
                 worst[dtype] = max(worst.get(dtype, 0.0), err)
                 n += 1
                 if dtype == torch.bfloat16:
-                    from ..attention import stick_breaking_attention
                     theirs = stick_breaking_attention(q, k, v, attend_current=attend_current, backend="triton")
                     sb_ref_worst = max(sb_ref_worst, rel_err(theirs, o_ref))
-    detail = "; ".join(f"{str(d).replace('torch.', '')} worst {e:.1e}" for d, e in worst.items())
+    detail = worst_by_dtype(worst)
     if device == "cuda":
         detail += f"; sb_ref's kernel on the same bfloat16 inputs {sb_ref_worst:.1e}"
     shapes = tuple(cases) + (tuple(gpu_cases) if device == "cuda" else ())
-    _verdict(check, n, f"on {device}; regimes {', '.join(regimes)}; (B, H, T, D, Dv, block_m, block_n) in {shapes}; "
-                       f"attend_current both ways; {detail}")
+    verdict(check, n, f"on {device}; regimes {', '.join(regimes)}; (B, H, T, D, Dv, block_m, block_n) in {shapes}; "
+            f"attend_current both ways; {detail}")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # exercise 3: memory O(T)
 
-@_quietly
+@quietly
 def check_sb_forward_memory(sb_forward, *, T=None, D=16, block=64, seed=0):
     """Lesson 06: ``sb_forward`` allocates nothing near T * T (probed with
     :class:`~sb_ref.testing.LargestAllocation`): at most T * T / 8 elements in one tensor. T defaults to 256 on the
     CPU and 2048 on a GPU."""
     check = "check_sb_forward_memory"
-    device = _device()
+    device = default_device()
     T = T or (2048 if device == "cuda" else 256)
     q, k, v = make_inputs("random", B=1, Hq=1, T=T, D=D, dtype=torch.float32, device=device, seed=seed)
-    case = _case(q=tuple(q.shape), dtype=torch.float32, block_m=block, block_n=block)
-    probe = _probe_memory(check, _run, sb_forward, (q, k, v, False, block, block), case, "check_sb_forward",
-                          "launcher", "the launcher allocates o and rem only; the logits, the weights and the carry "
-                          "live in the kernel's tiles, one [block_m, block_n] tile at a time, never in a PyTorch "
-                          "tensor.")
+    case = fmt_case(q=tuple(q.shape), dtype=torch.float32, block_m=block, block_n=block)
+    probe = probe_memory(check, sb_forward, (q, k, v, False, block, block), case, "check_sb_forward",
+                         "launcher", "the launcher allocates o and rem only; the logits, the weights and the carry "
+                         "live in the kernel's tiles, one [block_m, block_n] tile at a time, never in a PyTorch "
+                         "tensor.")
     print(f"{check}: passed on {device}; largest allocation {probe.numel} elements (shape {probe.shape}) for "
           f"T = {T}: {probe.numel / (T * T):.1%} of T * T.")
