@@ -108,7 +108,8 @@ def test_kernel_any_number_of_splits_and_head_dim_64(splits):
     for Hq, Hk in ((2, 2), (8, 2)):
         full, (q, kc, vc, sl) = decode_problem("random", lens, Hq, Hk, 64, 64, 64, 2, torch.float32, seed=splits)
         for attend_current in (True, False):
-            o, rem = stick_breaking_decode_triton(q, kc, vc, sl, 0.2, attend_current, config=DecodeConfig(splits=splits))
+            config = DecodeConfig(splits=splits)
+            o, rem = stick_breaking_decode_triton(q, kc, vc, sl, 0.2, attend_current, config=config)
             ref = oracle_decode(full, lens, 2, attend_current, scale=0.2)
             check(o, rem, *ref, torch.float32, f"{splits} splits, Hq={Hq}, Hk={Hk}")
 
@@ -301,7 +302,7 @@ def test_gpu_long_ragged_caches(regime, dtype, D):
     # up to 32768 positions, ragged, GQA 4:1 (one kv-head); B = 1 and B = 4 give many splits per sequence
     for lens, Tn in (([32768], 1), ([32768, 3, 12345, 20000], 3)):
         _, (q, kc, vc, sl) = decode_problem(regime, lens, 4, 1, 32768, D, D, Tn, dtype)
-        n_split = KD.num_splits(len(lens), max(lens), q.device)
+        n_split = KD.num_splits(DecodeConfig(), len(lens), max(lens), q.device)
         assert n_split > 1
         o, rem = sb_ref.stick_breaking_decode(q, kc, vc, sl, return_remainder=True)
         check(o, rem, *reference_decode(q, kc, vc, lens, True), dtype, f"{regime} {lens} ({n_split} splits)")
@@ -316,5 +317,5 @@ def test_gpu_deterministic_and_splits_agree():
     assert torch.equal(o1, o2) and torch.equal(r1, r2)
     ref = reference_decode(q, kc, vc, lens, True)
     for splits in (1, 7, 64):
-        check(*stick_breaking_decode_triton(q, kc, vc, sl, 128 ** -0.5, True, config=DecodeConfig(splits=splits)), *ref,
-              torch.bfloat16, f"{splits} splits")
+        got = stick_breaking_decode_triton(q, kc, vc, sl, 128 ** -0.5, True, config=DecodeConfig(splits=splits))
+        check(*got, *ref, torch.bfloat16, f"{splits} splits")
