@@ -22,6 +22,10 @@ STAMP := $(VENV)/.sb-ref-installed
 
 # Extra arguments for pytest, the grader and the benchmark, e.g. make test PYTEST_ARGS="-m gpu"
 PYTEST_ARGS ?=
+# make test's pytest worker processes (pytest-xdist): auto is one per core, 0 runs everything in one process.
+# Each test file runs on one worker (--dist loadfile --no-loadscope-reorder): a file's tests share its fixtures (the nbgrader round trip)
+# and the lessons' GPU runs, which time the GPU, go one at a time.
+TEST_WORKERS ?= auto
 GRADE_ARGS ?=
 BENCH_ARGS ?=
 LAB_ARGS ?=
@@ -61,7 +65,7 @@ help:
 	@echo "  make clean      remove build outputs and caches (keeps .venv)"
 	@echo "  make distclean  clean, and remove .venv too"
 	@echo
-	@echo "  Extra arguments: PYTEST_ARGS=\"...\" (make test), GRADE_ARGS=\"...\" (make grade), BENCH_ARGS=\"...\" (make bench),"
+	@echo "  Extra arguments: PYTEST_ARGS=\"...\" and TEST_WORKERS=N (make test; 0: one process), GRADE_ARGS=\"...\" (make grade), BENCH_ARGS=\"...\" (make bench),"
 	@echo "  LAB_ARGS=\"...\" (make lab, e.g. --no-browser)."
 
 install: $(STAMP)
@@ -101,8 +105,8 @@ grade: $(STAMP)
 
 test: $(STAMP)
 	@mkdir -p "$(BUILD)"
-	@echo ".venv/bin/python -m pytest $(PYTEST_ARGS)"
-	@cd "$(ROOT)" && $(RUN) -m pytest $(PYTEST_ARGS)
+	@echo ".venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)"
+	@cd "$(ROOT)" && $(RUN) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lab: $(STAMP)
 	@mkdir -p "$(BUILD)"

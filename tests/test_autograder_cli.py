@@ -74,26 +74,6 @@ def test_the_solutions_score_full_marks_with_hidden_tests(tmp_path):
     assert f"total: {report['points']:g}/{report['max_points']:g} points" in proc.stdout
 
 
-def test_the_untouched_release_scores_zero_and_home_stays_clean(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_") and k not in ISOLATION}
-    env.update({name: str(tmp_path / "build" / name.lower()) for name in ISOLATION}, HOME=str(home))
-    proc = grader("--json", tmp_path / "grades.json", env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((tmp_path / "grades.json").read_text())
-    check_report_shape(report)
-    assert [nb["lesson"] for nb in report["notebooks"]] == LESSONS
-    assert report["points"] == 0 and report["max_points"] > 0
-    statuses = {e["status"] for e in exercises(report).values()}
-    assert statuses == {"not attempted"}, proc.stdout
-    assert "not attempted yet" in proc.stdout
-    for lesson in LESSONS:  # the progress lines
-        assert f"lessons/{lesson}/{lesson}.ipynb" in proc.stderr
-    written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
-    assert not written, f"grading wrote into the home directory: {written}"
-
-
 def _solution_cell(nb, grade_id):
     return next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
 
@@ -122,19 +102,35 @@ def test_a_wrong_submission_loses_exactly_the_broken_exercises(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None, reason="needs make and git")
-def test_make_grade_on_a_fresh_clone_prints_the_report(tmp_path):
+def test_make_grade_on_a_fresh_clone_scores_the_untouched_release_zero_and_leaves_home_alone(tmp_path):
     venv = ROOT / ".venv"
     if Path(sys.prefix).resolve() != venv.resolve():
         pytest.skip("runs make with the project's .venv")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
     stamp = venv / ".sb-ref-installed"
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS") and not k.startswith("XDG_") and k not in ISOLATION}
+    env["HOME"] = str(home)
     # the clone uses this checkout's installed .venv (-o: take its install stamp as it is)
-    proc = subprocess.run(["make", "-C", str(clone), "grade", f"VENV={venv}", "-o", str(stamp)], env=env,
+    proc = subprocess.run(["make", "-C", str(clone), "grade", f"VENV={venv}", "-o", str(stamp),
+                           f"GRADE_ARGS=--json {tmp_path / 'grades.json'}"], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lesson" in proc.stdout and "exercise" in proc.stdout and "total: 0/" in proc.stdout
+    report = json.loads((tmp_path / "grades.json").read_text())
+    check_report_shape(report)
+    assert [nb["lesson"] for nb in report["notebooks"]] == LESSONS
+    assert report["points"] == 0 and report["max_points"] > 0
+    statuses = {e["status"] for e in exercises(report).values()}
+    assert statuses == {"not attempted"}, proc.stdout
+    assert "not attempted yet" in proc.stdout
+    for lesson in LESSONS:  # the progress lines
+        assert f"lessons/{lesson}/{lesson}.ipynb" in proc.stderr
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    assert not written, f"grading wrote into the home directory: {written}"
 
 
 def test_a_quadratic_blocked_attention_loses_only_the_memory_points(tmp_path):

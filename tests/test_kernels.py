@@ -3,6 +3,7 @@
 conftest.py switches the interpreter on when there is no GPU; on a GPU the same tests run compiled. Sizes stay
 small (T up to a few hundred) so that the whole file runs in well under three minutes on two cores.
 """
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,7 @@ import triton.language as tl
 
 from sb_ref.kernels import LaunchConfig, op, operands, tile_math
 from sb_ref.kernels import stick_breaking_attention_triton
-from sb_ref.kernels.config import Problem
+from sb_ref.kernels.config import INTERPRETER, Problem
 from sb_ref.testing.speed import key_elements_loaded
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,6 +277,18 @@ def _forward(q, k, v, scale, attend_current, cu, max_len, config):
     return op.forward(Problem.of(q, k, v, cu, max_len, config), q, k, v, scale, attend_current)
 
 
+# Early exit checks a block's sticks once, when its walk is exit_segment key blocks past the diagonal, so walks can
+# stop only in sequences longer than block_m + exit_segment * block_n (64 + 6 * 32 under the interpreter), and only
+# where the sticks are used up within that segment. Where they are used up within a few keys (saturated logits, the
+# poisoned heads below), a segment of 2 lets sequences of 256 keys stop: same kernels, a smaller constexpr, a third
+# of the interpreter's work for 448 keys.
+SHORT_SEGMENT = dataclasses.replace(INTERPRETER, exit_segment=2)
+
+
+def _exit_config(on, interpreter=SHORT_SEGMENT, **options):
+    return LaunchConfig(early_exit=on, interpreter=interpreter, **options)
+
+
 @pytest.mark.parametrize("regime,dtype,attend_current,varlen", [("random", torch.bfloat16, False, False),
                                                                  ("saturated", torch.float32, True, False),
                                                                  ("random", torch.bfloat16, False, True),
@@ -285,17 +298,19 @@ def test_early_exit_is_exact_and_skips_used_up_sticks(regime, dtype, attend_curr
     skips rounds to 0), and it does stop: the forward and the key-major kernel load less (counted under the
     interpreter). Sticks that last (the long regime) take the forward's one-loop walk: same bits, same loads.
     Packed batches take it only with early_exit_varlen as well (off by default: they walk everything)."""
-    T = 448
+    # N(0, 1) logits halve a stick per key: about 160 keys use it up, so these take the default segment and 448 keys
+    random = regime == "random"
+    T, first, target = (448, 300, INTERPRETER) if random else (256, 170, SHORT_SEGMENT)
     q, k, v, scale = make_inputs(regime, 1, 2, 1, T, 16, 16, dtype, seed=12)
-    cu = torch.tensor([0, 300, T], dtype=torch.int32, device=DEVICE) if varlen else None
+    cu = torch.tensor([0, first, T], dtype=torch.int32, device=DEVICE) if varlen else None
     if varlen and DEVICE == "cpu":
         walks = {on: key_elements_loaded(
-            lambda k: _forward(q, k, v, scale, attend_current, cu, 300, LaunchConfig(early_exit=on)), (k,), 0)
+            lambda k: _forward(q, k, v, scale, attend_current, cu, first, _exit_config(on, target)), (k,), 0)
             for on in (True, False)}
         assert walks[True] == walks[False], "a packed batch should walk everything unless early_exit_varlen"
     results, loads = {}, {}
     for on in (False, True):
-        config = LaunchConfig(early_exit=on, early_exit_varlen=on)
+        config = _exit_config(on, target, early_exit_varlen=on)
         results[on] = _outputs_and_grads(q, k, v, scale, attend_current, cu, config)
         if DEVICE == "cpu":
             loads[on] = _loads_per_kernel(q, k, v, scale, attend_current, cu, config)
@@ -347,56 +362,57 @@ def test_early_exit_walks_on_where_sticks_last_or_inputs_are_not_finite(poison):
     there); a non-finite key or value poisons every later query as without early exit (NaN in, NaN out, as PyTorch
     attention does: a used-up stick times NaN is NaN; that head's blocks that stopped early walk again, while the
     other head still skips)."""
-    T = 448
+    T, bad, late = 256, 60, 240
     q, k, v, scale = make_inputs("random", 1, 2, 2, T, 16, 16, torch.float32, seed=13)
     with torch.no_grad():
         if poison == "nan key":
-            k[0, 0, 100] = float("nan")
+            k[0, 0, bad] = float("nan")
         elif poison == "-inf in a key":
-            k[0, 0, 100, 3] = -float("inf")
+            k[0, 0, bad, 3] = -float("inf")
         else:
-            v[0, 0, 100, 5] = float("inf")
-        # head 1: logits near +4 (sticks used up within tens of keys) but for row 420, near -10 against keys
-        # 0..419: its stick outlives everyone's, so the key-major kernel visits blocks whose walks stopped early
-        k[0, 1, :420, 0] = 4.0
+            v[0, 0, bad, 5] = float("inf")
+        # head 1: logits near +4 (sticks used up within tens of keys) but for row `late`, near -10 against every
+        # earlier key: its stick outlives everyone's, so the key-major kernel visits blocks whose walks stopped early
+        k[0, 1, :late, 0] = 4.0
         q[0, 1, :, 0] = 4.0
-        q[0, 1, 420] = 0.0
-        q[0, 1, 420, 0] = -10.0
+        q[0, 1, late] = 0.0
+        q[0, 1, late, 0] = -10.0
     results = {}
     for on in (False, True):
-        results[on] = _outputs_and_grads(q, k, v, scale, False, config=LaunchConfig(early_exit=on))
+        results[on] = _outputs_and_grads(q, k, v, scale, False, config=_exit_config(on))
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), results[False], results[True]):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), f"{name} changed with early exit"
     # the first key each row's walk reached: 0 throughout the poisoned head, later ones in the other
-    lo = _forward(q, k, v, scale, False, None, T, LaunchConfig())[2]
+    lo = _forward(q, k, v, scale, False, None, T, _exit_config(True))[2]
     if poison != "-inf in a key":
         assert bool((lo[0, 0] == 0).all()), "the poisoned head's blocks should all have walked to the start"
     assert bool((lo[0, 1] > 0).any()), "head 1's blocks should still stop early"
     o, rem = results[True][:2]
     if poison != "inf value":
         # (an infinite value reaches earlier rows of its own block too: 0 * inf in the product A v, as in PyTorch's)
-        assert bool(torch.isfinite(o[0, 0, :101]).all())
+        assert bool(torch.isfinite(o[0, 0, :bad + 1]).all())
     if poison != "-inf in a key":
-        # every later row, even those whose sticks were used up long before key 100
-        assert bool((~torch.isfinite(o[0, 0, 101:])).any(dim=-1).all()), "a non-finite input should reach them all"
-    assert float(rem[0, 1, 420]) > 0.5, "row 420's stick should outlive everyone's"
+        # every later row, even those whose sticks were used up long before the bad key
+        assert bool((~torch.isfinite(o[0, 0, bad + 1:])).any(dim=-1).all()), "a non-finite input should reach them all"
+    assert float(rem[0, 1, late]) > 0.5, f"row {late}'s stick should outlive everyone's"
     assert bool((rem[0, 1, 64:] == 0).float().mean() > 0.9), "the other sticks should be used up"
 
 
 def test_early_exit_passes_a_nan_output_gradient_to_every_key_it_reaches():
-    """The backward walks everything where dO holds a NaN: without early exit it reaches dv of every key row 400
+    """The backward walks everything where dO holds a NaN: without early exit it reaches dv of every key row 230
     sees, so with it too (the backward's table flags non-finite gradients)."""
-    T = 448
+    T, row = 256, 230
     q, k, v, scale = make_inputs("random", 1, 1, 1, T, 16, 16, torch.float32, seed=14)
     grads = {}
     for on in (False, True):
-        o, _ = stick_breaking_attention_triton(q, k, v, scale, False, config=LaunchConfig(early_exit=on))
+        o, rem = stick_breaking_attention_triton(q, k, v, scale, False, config=_exit_config(on))
         go = torch.zeros_like(o)
-        go[0, 0, 400] = float("nan")
+        go[0, 0, row] = float("nan")
         v.grad = None
         (o * go).sum().backward()
         grads[on] = v.grad
-    assert torch.isnan(grads[True][0, 0, :400]).all()
+    assert bool((rem[0, 0, 128:] == 0).any()), "no stick was used up: early exit would skip nothing"
+    assert torch.isnan(grads[True][0, 0, :row]).all()
     assert torch.equal(grads[False].nan_to_num(7.0), grads[True].nan_to_num(7.0))
 
 
