@@ -22,6 +22,10 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
 
+# What the grader keeps of one cell's output: a cell may print gigabytes, the grader holds at most this much.
+MAX_STDOUT_CHARS = 1 << 20
+
+
 @dataclass
 class Outcome:
     """What happened to one piece of code sent to the kernel."""
@@ -127,7 +131,7 @@ class LearnerKernel:
             return Outcome("died", evalue="the kernel was not running")
         msg_id = self.kc.execute(code, store_history=False, allow_stdin=False)
         deadline = time.monotonic() + timeout
-        stdout, error = [], None
+        stdout, kept, error = [], 0, None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -144,9 +148,15 @@ class LearnerKernel:
                 continue
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream" and content.get("name") == "stdout":
-                stdout.append(content["text"])
+                if kept < MAX_STDOUT_CHARS:
+                    text = content["text"][:MAX_STDOUT_CHARS - kept]
+                    stdout.append(text)
+                    kept += len(text)
+                    if kept == MAX_STDOUT_CHARS:
+                        stdout.append(f"\n[output cut at {MAX_STDOUT_CHARS >> 20} MiB]")
             elif kind == "error":
-                error = content
+                error = {"ename": str(content.get("ename", ""))[:200],
+                         "evalue": str(content.get("evalue", ""))[:MAX_STDOUT_CHARS]}
             elif kind == "status" and content["execution_state"] == "idle":
                 break
         if error is not None:

@@ -122,7 +122,11 @@ class RemoteSession:
     def call(self, template, payload, name):
         n = next(self._n)
         request, response = (Path(self._dir.name) / f"{n}.{part}.pt" for part in ("request", "response"))
-        wire.save(payload, request)
+        try:
+            wire.save(payload, request)
+        except FileExistsError:
+            raise LearnerError(f"{name} could not be called: something already lies where the grader writes its "
+                               "request (the notebook tampered with the grader's call files)") from None
         outcome = self.kernel.run(template.format(request=repr(str(request)), response=repr(str(response))),
                                   timeout=self.call_timeout)
         if outcome.status == "timeout":
@@ -130,11 +134,21 @@ class RemoteSession:
         if outcome.status == "died":
             raise LearnerCrash(f"the notebook's kernel died while running {name}" +
                                (f" ({outcome.evalue})" if outcome.evalue else ""))
-        if outcome.status != "ok" or not response.exists():
+        if outcome.status != "ok":
             raise LearnerError(f"{name} could not be called: {outcome.message or 'no answer from the kernel'}")
-        answer = wire.load(response)
+        try:
+            answer = wire.load(response)
+        except FileNotFoundError:
+            raise LearnerError(f"{name} could not be called: no answer from the kernel") from None
+        except wire.WireError as exc:
+            raise LearnerError(f"{name}: the notebook's answer was refused: {exc}") from None
+        if not isinstance(answer, dict) or not ("error" in answer or "result" in answer):
+            raise LearnerError(f"{name}: the notebook's answer was refused: not an answer of the grader's protocol")
         if "error" in answer:
-            raise _learner_exception(name, *answer["error"])
+            error = answer["error"]
+            if not (isinstance(error, (list, tuple)) and len(error) == 3 and all(isinstance(e, str) for e in error)):
+                raise LearnerError(f"{name}: the notebook's answer was refused: a malformed error")
+            raise _learner_exception(name, *error)
         return self._objects_in(answer["result"])
 
     def _objects_in(self, value):

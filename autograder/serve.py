@@ -48,7 +48,7 @@ def _target(namespace, target):
 def serve_call(namespace, target, request_path, response_path, call_id):
     """Kernel side: call the target with the arguments of the request file, write the response."""
     try:
-        request = load(request_path, namespace, _objects)
+        request = load(request_path, namespace, _objects, imports=True)
         args, kwargs = request["args"], request["kwargs"]
         inputs = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
         result = _target(namespace, target)(*args, **kwargs)

@@ -2,12 +2,18 @@
 
 Values go through files written with ``torch.save`` and read with ``torch.load(weights_only=True)``, which
 unpickles tensors, numbers, strings and containers and nothing else: whatever the learner's code writes, the
-grader never runs it. numpy arrays and scalars travel as tagged tensors; tensors come back to the device
+grader never runs it. A message is written only to a new file (never through a link planted at its path) and read
+only from a regular file of bounded size, opened without following links or blocking; a tensor larger than a
+message may carry is refused before anything copies it; and only the kernel's side resolves a function named for
+import (the grader sends installed functions by name; an answer that names one is refused). numpy arrays and scalars travel as tagged tensors; tensors come back to the device
 they left from. What cannot travel stays where it is and goes as a handle (tagged :data:`REMOTE`).
 
 The grader's side of the calls is :mod:`autograder.remote`; the learner kernel's side is :mod:`autograder.serve`.
 """
 import importlib
+import io
+import os
+import stat
 
 import numpy as np
 import torch
@@ -15,6 +21,15 @@ import torch
 _NUMPY, _NUMPY_SCALAR, _DEVICE = "__numpy__", "__numpy_scalar__", "__device__"
 _FUNCTION, _LEARNER = "__function__", "__learner__"
 REMOTE = "__remote__"  # {REMOTE: handle, ...}: an object of the learner's kernel, kept there
+
+# Bounds on what one message may make its reader hold: the file, and any one tensor in it (a stride-0 view of a
+# single number would otherwise become gigabytes the moment it is copied).
+MAX_MESSAGE_BYTES = 1 << 30
+MAX_TENSOR_BYTES = 1 << 30
+
+
+class WireError(ValueError):
+    """A message that its reader refuses: not a regular file, too large, or naming what this side never resolves."""
 
 
 def _importable(fn):
@@ -54,11 +69,13 @@ def encode(value):
                     "numpy arrays, numbers, strings, or lists/tuples/dicts of them")
 
 
-def decode(value, namespace=None, objects=None):
-    """Inverse of :func:`encode`. In the learner's kernel, ``namespace`` resolves learner functions sent by name and
-    ``objects`` the handles of objects kept there; elsewhere both stay as they came."""
+def decode(value, namespace=None, objects=None, *, imports=False):
+    """Inverse of :func:`encode`. In the learner's kernel, ``namespace`` resolves learner functions sent by name,
+    ``objects`` the handles of objects kept there, and ``imports=True`` the installed functions the grader sent by
+    name. The grader decodes with none of them: a learner name or handle stays as it came, and an answer that names
+    a function to import is refused (:class:`WireError`), since importing is running code the notebook chose."""
     if isinstance(value, (list, tuple)):
-        items = [decode(v, namespace, objects) for v in value]
+        items = [decode(v, namespace, objects, imports=imports) for v in value]
         return items if isinstance(value, list) else tuple(items)
     if not isinstance(value, dict):
         return value
@@ -66,6 +83,11 @@ def decode(value, namespace=None, objects=None):
         return namespace[value[_LEARNER]]
     if "__tensor__" in value:
         t = value["__tensor__"]
+        if not isinstance(t, torch.Tensor):
+            raise WireError(f"a tensor entry holds a {type(t).__name__}")
+        if t.numel() * t.element_size() > MAX_TENSOR_BYTES:
+            raise WireError(f"a tensor of shape {tuple(t.shape)} ({t.numel() * t.element_size() / 2**20:.0f} MiB) "
+                            f"is larger than the {MAX_TENSOR_BYTES >> 20} MiB one message may carry")
         if value["device"] != "cpu" and torch.cuda.is_available():
             t = t.to(value["device"])
         return t.requires_grad_(value["grad"]) if value["grad"] and t.is_floating_point() else t
@@ -76,8 +98,12 @@ def decode(value, namespace=None, objects=None):
     if _DEVICE in value:
         return torch.device(value[_DEVICE])
     if "__dict__" in value:
-        return {decode(k, namespace, objects): decode(v, namespace, objects) for k, v in value["__dict__"]}
+        return {decode(k, namespace, objects, imports=imports): decode(v, namespace, objects, imports=imports)
+                for k, v in value["__dict__"]}
     if _FUNCTION in value:
+        if not imports:
+            raise WireError(f"the answer names a function to import ({value[_FUNCTION]!r}); the grader imports "
+                            "nothing that the notebook names")
         module, name = value[_FUNCTION]
         target = importlib.import_module(module)
         for part in name.split("."):
@@ -89,12 +115,47 @@ def decode(value, namespace=None, objects=None):
 
 
 def save(value, path):
-    torch.save(encode(value), path)
+    """Write ``value`` to a new file at ``path``: whatever is there already (a planted link, a FIFO) is an error
+    (``FileExistsError``), never a file written through."""
+    data = io.BytesIO()
+    torch.save(encode(value), data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data.getbuffer())
 
 
-def load(path, namespace=None, objects=None):
-    """:func:`decode` of a file written by :func:`save` (read with ``weights_only=True``)."""
-    return decode(torch.load(path, weights_only=True), namespace, objects)
+def read_message(path, max_bytes=MAX_MESSAGE_BYTES):
+    """The bytes of the regular file at ``path``, at most ``max_bytes``: a link, a FIFO or a device there is a
+    :class:`WireError` (opened without following links or blocking), as is a larger file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise WireError(f"{os.path.basename(path)} cannot be opened as a plain file ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise WireError(f"{os.path.basename(path)} is not a regular file")
+        if info.st_size > max_bytes:
+            raise WireError(f"{os.path.basename(path)} holds {info.st_size >> 20} MiB, more than the "
+                            f"{max_bytes >> 20} MiB one message may")
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise WireError(f"{os.path.basename(path)} grew past {max_bytes >> 20} MiB while it was read")
+    return data
+
+
+def load(path, namespace=None, objects=None, *, imports=False, max_bytes=MAX_MESSAGE_BYTES):
+    """:func:`decode` of a file written by :func:`save`: read by :func:`read_message`, unpickled with
+    ``weights_only=True`` (tensors, numbers, strings and containers, nothing that runs)."""
+    data = read_message(path, max_bytes)
+    try:
+        value = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # not a message of this codec: say so, whatever the unpickler raised
+        raise WireError(f"{os.path.basename(path)} is not a message of the grader's codec "
+                        f"({type(exc).__name__})") from None
+    return decode(value, namespace, objects, imports=imports)
 
 
 def tensors_in(value):

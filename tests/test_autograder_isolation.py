@@ -2,11 +2,15 @@
 
 The lesson here is synthetic (one function, two test cells, one hidden block) so that each case is quick.
 """
+import sys
+import time
+
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from autograder.grading import grade_notebook
+from autograder.kernel import MAX_STDOUT_CHARS, LearnerKernel
 
 SOLUTION = "    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION"
 TEST_VISIBLE = "assert torch.equal(double(torch.ones(3)), 2 * torch.ones(3)), 'double(x) must be 2 * x'"
@@ -164,3 +168,57 @@ def test_a_cell_dressed_up_as_a_test_earns_nothing(grade):
     forged = _cell("pass", "test_bonus", grade=True, locked=True, points=100)
     result, ex = grade(lesson("    return 3 * x", after=[forged]))
     assert set(ex) == {"test_double", "test_double_grad"} and (result.points, result.max_points) == (0, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a notebook that replaces its own side of the protocol (the kernel runs `serve_call(...)` by name: a cell can
+# define its own) gets its answers refused, and the grader neither imports, blocks nor writes where it points
+
+def _own_serve_call(body):
+    return _cell("import os, torch\nfrom autograder.serve import serve_call as real_serve_call\n\n"
+                 "def serve_call(namespace, target, request_path, response_path, call_id):\n" + body,
+                 "own_protocol", solution=True)
+
+
+def test_an_answer_naming_a_module_to_import_is_refused(grade, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))  # the grader's folder on its path, as `python -m autograder` has
+    marker = tmp_path / "imported.txt"
+    module = f"open({str(marker)!r}, 'w').write('x')\ndef f(*args):\n    return True\n"
+    body = (f"    open('sb_planted_module.py', 'w').write({module!r})\n"
+            "    torch.save({'__dict__': [('result', {'__function__': ['sb_planted_module', 'f']})]}, response_path)\n")
+    result, ex = grade(lesson("    return 2 * x", before=[_own_serve_call(body)]))
+    assert (tmp_path / "sb_planted_module.py").exists(), "the notebook's cell should have written its module"
+    assert not marker.exists() and "sb_planted_module" not in sys.modules, "the grader imported the module"
+    assert result.points == 0 and ex["test_double"][1] == "failed"
+    assert "refused" in ex["test_double"][2] and "imports nothing" in ex["test_double"][2]
+
+
+def test_a_fifo_as_the_answer_is_refused_without_blocking(grade):
+    body = "    os.mkfifo(response_path)\n"
+    start = time.monotonic()
+    result, ex = grade(lesson("    return 2 * x", before=[_own_serve_call(body)]))
+    assert time.monotonic() - start < 60, "reading the answer blocked"
+    assert result.points == 0 and "not a regular file" in ex["test_double"][2]
+
+
+def test_a_link_planted_as_the_next_request_is_not_written_through(grade, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the learner's target")
+    body = ("    folder, name = os.path.split(request_path)\n"
+            "    n = int(name.split('.')[0])\n"
+            f"    os.symlink({str(victim)!r}, os.path.join(folder, f'{{n + 1}}.request.pt'))\n"
+            "    real_serve_call(namespace, target, request_path, response_path, call_id)\n")
+    result, ex = grade(lesson("    return 2 * x", before=[_own_serve_call(body)]))
+    assert victim.read_text() == "the learner's target"
+    assert ex["test_double"][1] == "failed" and "tampered" in ex["test_double"][2]
+
+
+def test_a_stride_0_tensor_of_gigabytes_is_refused_before_any_copy(grade):
+    result, ex = grade(lesson("    return torch.zeros(1).expand(1 << 29)"))  # 2 GiB once copied
+    assert result.points == 0 and "refused" in ex["test_double"][2] and "MiB" in ex["test_double"][2]
+
+
+def test_the_grader_keeps_at_most_a_bounded_part_of_what_a_cell_prints(tmp_path):
+    with LearnerKernel(tmp_path, memory_mb=4096) as kernel:
+        outcome = kernel.run("print('x' * (8 << 20))", timeout=60)
+    assert outcome.status == "ok" and MAX_STDOUT_CHARS <= len(outcome.stdout) < MAX_STDOUT_CHARS + 100

@@ -1,6 +1,8 @@
 """autograder.wire, the codec between the grader and the learner's kernel: what travels comes back as it left, learner
 names and kept objects resolve only where they live (the kernel side passes them in), and what cannot travel is
 refused."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from autograder import wire
 
 def roundtrip(value, tmp_path, **where):
     path = tmp_path / "value.pt"
+    path.unlink(missing_ok=True)  # a message goes only to a new file
     wire.save(value, path)
     return wire.load(path, **where)
 
@@ -25,8 +28,42 @@ def test_values_come_back_as_they_left(tmp_path):
     assert back["nested"] == [1, (2.0, "x"), None]
 
 
-def test_installed_functions_travel_by_name(tmp_path):
-    assert roundtrip([torch.nn.functional.logsigmoid], tmp_path)[0] is torch.nn.functional.logsigmoid
+def test_installed_functions_travel_by_name_to_the_kernel_only(tmp_path):
+    sent = [torch.nn.functional.logsigmoid]
+    assert roundtrip(sent, tmp_path, imports=True)[0] is torch.nn.functional.logsigmoid  # the kernel's side
+    with pytest.raises(wire.WireError, match="imports nothing"):  # the grader's side imports nothing it is told
+        wire.load(tmp_path / "value.pt")
+
+
+def test_a_message_is_written_only_to_a_new_file(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / "link.pt").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        wire.save([1], tmp_path / "link.pt")
+    assert victim.read_text() == "keep"
+
+
+def test_a_message_is_read_only_from_a_bounded_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(wire.WireError, match="not a regular file"):
+        wire.load(tmp_path / "fifo.pt")  # and does not block
+    wire.save(torch.zeros(1000), tmp_path / "big.pt")
+    with pytest.raises(wire.WireError, match="more than"):
+        wire.load(tmp_path / "big.pt", max_bytes=1000)
+    (tmp_path / "link.pt").symlink_to(tmp_path / "big.pt")
+    with pytest.raises(wire.WireError, match="cannot be opened"):
+        wire.load(tmp_path / "link.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(wire.WireError, match="not a message"):
+        wire.load(tmp_path / "junk.pt")
+
+
+def test_a_tensor_larger_than_a_message_may_carry_is_refused_before_a_copy(tmp_path):
+    wire.save(torch.zeros(1).expand(wire.MAX_TENSOR_BYTES // 4 + 1), tmp_path / "view.pt")  # a few bytes on disk
+    assert (tmp_path / "view.pt").stat().st_size < 10_000
+    with pytest.raises(wire.WireError, match="larger than"):
+        wire.load(tmp_path / "view.pt")
 
 
 def test_learner_names_and_handles_resolve_only_where_they_live(tmp_path):
