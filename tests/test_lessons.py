@@ -5,11 +5,13 @@
   kernel) with every check passing, within the time budget;
 - ``lessons/`` is exactly what ``nbgrader generate_assignment`` makes of ``solutions/`` (regenerated here into a
   temporary course root), and holds no solution code, hidden tests or markers;
-- a full nbgrader round trip in that course root: the solutions as one student's submission get full marks, the
-  untouched release zero, and a deliberately wrong submission per lesson loses exactly the points of the
-  exercises it breaks (scores read back from the gradebook); for lessons 05-09 another submission answers every
-  exercise wrong, each in its own way, and loses every point; a submission that fails only a hidden test loses
-  that test's points; the feedback hides the hidden tests, and their tracebacks.
+- a full nbgrader round trip in that course root: the solutions as one student's submission get full marks, and a
+  deliberately wrong submission per lesson loses exactly the points of the exercises it breaks (scores read back
+  from the gradebook); for lessons 05-09 another submission answers every exercise wrong, each in its own way, and
+  loses every point; a submission that fails only a hidden test loses that test's points; the feedback hides the
+  hidden tests, and their tracebacks. (The untouched release scoring zero is checked once, through the course's
+  grader on a fresh clone: tests/test_autograder_cli.py. Its test cells are the same; nbgrader's way of scoring a
+  failing cell zero is what the wrong submissions show here.)
 
 Jupyter, IPython and matplotlib write only into temporary folders here, never into the home directory.
 """
@@ -307,7 +309,8 @@ def wrong_submission(lesson, mistakes=None):
 
 @pytest.fixture(scope="module")
 def course(isolated_env, tmp_path_factory):
-    """A temporary course root: release, three students' submissions, autograde, feedback."""
+    """A temporary course root: release, the students' submissions (solutions, wrong, wrong everywhere, hidden
+    only), autograde, feedback."""
     course = tmp_path_factory.mktemp("course")
     shutil.copy(ROOT / "nbgrader_config.py", course)
     for lesson in LESSONS:
@@ -318,7 +321,6 @@ def course(isolated_env, tmp_path_factory):
     timings["release"] = time.perf_counter() - start
     for lesson in LESSONS:
         submissions = {"solutions": read(solution_path(lesson)),
-                       "untouched": read(course / "lessons" / lesson / f"{lesson}.ipynb"),
                        "wrong": wrong_submission(lesson)}
         if lesson in WRONG_EVERYWHERE:
             submissions["wrong_everywhere"] = wrong_submission(lesson, WRONG_EVERYWHERE[lesson])
@@ -379,7 +381,7 @@ def gradebook_scores(course):
     scores = {}
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}", COURSE_ID) as gb:
         for lesson in LESSONS:
-            for student in ("solutions", "untouched", "wrong") + (("wrong_everywhere",) if lesson in WRONG_EVERYWHERE
+            for student in ("solutions", "wrong") + (("wrong_everywhere",) if lesson in WRONG_EVERYWHERE
                                                                    else ()):
                 submission = gb.find_submission(lesson, student)
                 scores[lesson, student] = {grade.name: (grade.score, grade.max_score)
@@ -392,8 +394,6 @@ def test_autograde_scores(course):
     for lesson in LESSONS:
         full = {name: (float(p), float(p)) for name, p in POINTS[lesson].items()}
         assert scores[lesson, "solutions"] == full, f"{lesson}: the solutions lost points"
-        assert scores[lesson, "untouched"] == {n: (0.0, m) for n, (_, m) in full.items()}, \
-            f"{lesson}: the untouched release got points"
         _, broken = WRONG[lesson]
         expected = {n: ((0.0 if n in broken else m), m) for n, (_, m) in full.items()}
         assert scores[lesson, "wrong"] == expected, f"{lesson}: the wrong submission's scores"
@@ -454,7 +454,7 @@ def test_feedback_hides_the_hidden_tests(course):
                   for line in region(cell.source, "BEGIN HIDDEN TESTS", "END HIDDEN TESTS")]
         visible_call = next(line for cell in source.cells if nbgrader_meta(cell).get("grade")
                             for line in cell.source.splitlines() if line.startswith("check_"))
-        for student in ("solutions", "untouched", "wrong"):
+        for student in ("solutions", "wrong"):
             page = course / "feedback" / student / lesson / f"{lesson}.html"
             text = visible_text(page)
             assert visible_call in text, f"{page}: the visible tests should be there"
