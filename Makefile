@@ -23,8 +23,9 @@ STAMP := $(VENV)/.sb-ref-installed
 # Extra arguments for pytest, the grader and the benchmark, e.g. make test PYTEST_ARGS="-m gpu"
 PYTEST_ARGS ?=
 # make test's pytest worker processes (pytest-xdist): auto is one per core, 0 runs everything in one process.
-# Each test file runs on one worker (--dist loadfile --no-loadscope-reorder): a file's tests share its fixtures (the nbgrader round trip)
-# and the lessons' GPU runs, which time the GPU, go one at a time.
+# Each test file runs on one worker (--dist loadfile), in the order tests/conftest.py gives (longest first,
+# --no-loadscope-reorder): a file's tests share its fixtures (the nbgrader round trip), and the lessons' GPU runs,
+# which time the GPU, go one at a time.
 TEST_WORKERS ?= auto
 GRADE_ARGS ?=
 BENCH_ARGS ?=

@@ -5,8 +5,9 @@ unpickles tensors, numbers, strings and containers and nothing else: whatever th
 grader never runs it. A message is written only to a new file (never through a link planted at its path) and read
 only from a regular file of bounded size, opened without following links or blocking; a tensor larger than a
 message may carry is refused before anything copies it; and only the kernel's side resolves a function named for
-import (the grader sends installed functions by name; an answer that names one is refused). numpy arrays and scalars travel as tagged tensors; tensors come back to the device
-they left from. What cannot travel stays where it is and goes as a handle (tagged :data:`REMOTE`).
+import (the grader sends installed functions by name; an answer that names one is refused). numpy arrays and
+scalars travel as tagged tensors; tensors come back to the device they left from. What cannot travel stays where
+it is and goes as a handle (tagged :data:`REMOTE`).
 
 The grader's side of the calls is :mod:`autograder.remote`; the learner kernel's side is :mod:`autograder.serve`.
 """
@@ -129,9 +130,9 @@ def read_message(path, max_bytes=MAX_MESSAGE_BYTES):
     :class:`WireError` (opened without following links or blocking), as is a larger file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
         raise WireError(f"{os.path.basename(path)} cannot be opened as a plain file ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as file:
         info = os.fstat(file.fileno())

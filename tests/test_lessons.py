@@ -381,8 +381,7 @@ def gradebook_scores(course):
     scores = {}
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}", COURSE_ID) as gb:
         for lesson in LESSONS:
-            for student in ("solutions", "wrong") + (("wrong_everywhere",) if lesson in WRONG_EVERYWHERE
-                                                                   else ()):
+            for student in ("solutions", "wrong") + (("wrong_everywhere",) if lesson in WRONG_EVERYWHERE else ()):
                 submission = gb.find_submission(lesson, student)
                 scores[lesson, student] = {grade.name: (grade.score, grade.max_score)
                                            for notebook in submission.notebooks for grade in notebook.grades}
@@ -426,7 +425,8 @@ def test_solution_notebook_runs_on_the_cpu(course, lesson):
     """The solution, run top to bottom by the autograde above: every check prints that it passed, nothing goes to
     stderr, and the notebook stays within its time budget."""
     nb = read(course / "autograded" / "solutions" / lesson / f"{lesson}.ipynb")
-    assert seconds_to_run(nb) < TIME_BUDGET_S, f"{lesson} took {seconds_to_run(nb):.0f} s"
+    seconds = seconds_to_run(nb)
+    assert seconds < TIME_BUDGET_S, f"{lesson} took {seconds:.0f} s"
     for cell in nb.cells:
         if nbgrader_meta(cell).get("grade"):
             streams = [o for o in cell.outputs if o.output_type == "stream"]
