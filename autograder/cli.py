@@ -10,14 +10,17 @@ SOLUTIONS_DIR = REPO_ROOT / "solutions"
 DESCRIPTION = """\
 Grade the course's lesson notebooks and print, per exercise, the points earned and what to fix.
 
-Each notebook's own code runs in a fresh Jupyter kernel of its own, with a time and a memory limit. The test
-cells run in the grader, from the course's trusted copy in solutions/ (so editing a test cell changes
-nothing), calling into the notebook's functions. Hidden tests run only with --with-hidden.
+Each notebook's own code runs in a fresh Jupyter kernel of its own, inside a bubblewrap sandbox (its own
+namespaces, an unprivileged uid, a read-only view of the library and of its own folder only), with time, memory
+and process limits. The test cells run in the grader, from the course's trusted copy in solutions/ (so editing a
+test cell changes nothing), calling into the notebook's functions. Hidden tests run only with --with-hidden,
+and only in the sandbox unless --no-sandbox says otherwise.
 """
 
 EPILOG = """\
-exit status: 0 when grading ran, whatever the score; 2 for a bad argument or path; 1 when a notebook changed
-the grader's own files (autograder/, sb_ref/, solutions/), after which no score could be trusted.
+exit status: 0 when grading ran, whatever the score; 2 for a bad argument or path, or --with-hidden where no
+sandbox can be made (without --no-sandbox); 1 when a notebook changed the grader's own files (autograder/,
+sb_ref/, solutions/), after which no score could be trusted.
 
 examples:
   python -m autograder                                  grade every lesson in lessons/
@@ -40,7 +43,10 @@ def build_parser():
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=300.0,
                         help="time limit for each cell and each call into the notebook (default: 300)")
     parser.add_argument("--memory-mb", metavar="MB", type=int, default=8192,
-                        help="memory limit of each notebook's kernel (default: 8192)")
+                        help="memory limit of each notebook's processes together (default: 8192)")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="run the notebooks' code without bubblewrap, with your own rights (not for grading "
+                             "others' work)")
     return parser
 
 
@@ -105,6 +111,16 @@ def main(argv=None):
         print(f"No lesson notebooks to grade in {where}.")
         return 0
 
+    from .sandbox import SandboxLimits, bwrap_problem
+
+    problem = "--no-sandbox was given" if args.no_sandbox else bwrap_problem()
+    if problem and args.with_hidden and not args.no_sandbox:
+        print(f"error: refusing to grade with hidden tests outside a sandbox: {problem}. Install bubblewrap, or "
+              "pass --no-sandbox to grade unsandboxed anyway.", file=sys.stderr)
+        return 2
+    if problem:
+        print(f"note: no sandbox ({problem}): the notebooks' code runs with your own rights.", file=sys.stderr)
+
     from .grading import NotebookGrade, grade_notebook  # heavy imports only once there is work
     from .report import table, write_json
 
@@ -124,8 +140,8 @@ def main(argv=None):
             try:
                 grade = grade_notebook(path, source, with_hidden=args.with_hidden, lesson=label,
                                        cell_timeout=args.timeout, call_timeout=args.timeout,
-                                       memory_mb=0 if on_gpu else args.memory_mb,
-                                       rss_limit_mb=args.memory_mb if on_gpu else 0)
+                                       limits=SandboxLimits(memory_mb=args.memory_mb), sandboxed=not problem,
+                                       gpu=on_gpu)
             except Exception as exc:  # an unreadable notebook, a kernel that cannot start: this notebook only
                 grade = NotebookGrade(str(path), label, error=f"could not be graded: {type(exc).__name__}: {exc}")
         if _fingerprint() != trusted:  # learner code wrote into the grader's own files: nothing after is sound

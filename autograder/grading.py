@@ -22,8 +22,10 @@ from pathlib import Path
 
 import nbformat
 
+from . import rules
 from .kernel import LearnerKernel
 from .remote import LearnerCrash, LearnerTimeout, RemoteNamespace, RemoteSession
+from .sandbox import Sandbox, SandboxLimits
 
 HIDDEN = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
 STATUSES = ("passed", "failed", "not attempted", "timed out", "crashed")
@@ -168,8 +170,10 @@ def trusted_globals():
 
 
 def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, call_timeout=120.0,
-                   memory_mb=8192, rss_limit_mb=0, lesson=None):
-    """Grade the notebook at ``path`` against the trusted source at ``source_path``."""
+                   limits=SandboxLimits(), sandboxed=True, gpu=False, lesson=None):
+    """Grade the notebook at ``path`` against the trusted source at ``source_path``, its code in a sandbox of its
+    own (:class:`~autograder.sandbox.Sandbox`, off with ``sandboxed=False``) under ``limits``; ``gpu`` lets it see the
+    GPUs (and watches its resident memory where no cgroup holds it)."""
     start = time.monotonic()
     grade = NotebookGrade(str(path), lesson or Path(path).stem)
     submission, source = nbformat.read(path, as_version=4), nbformat.read(source_path, as_version=4)
@@ -178,9 +182,14 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
                        for c in cells if is_test_cell(c)]
     env = {"MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
     names = trusted_globals()
-    with LearnerKernel(Path(path).resolve().parent, memory_mb=memory_mb, rss_limit_mb=rss_limit_mb,
-                       env=env) as kernel:
+    sandbox = Sandbox(Path(path).resolve().parent, limits, hidden=rules.hidden_files(Path(source_path).stem),
+                      enabled=sandboxed)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(sandbox.close)
+        kernel = cleanup.enter_context(LearnerKernel(sandbox, gpu=gpu, rss_limit_mb=limits.memory_mb if gpu else 0,
+                                                     env=env))
         session = RemoteSession(kernel, call_timeout)
+        cleanup.callback(session.close)
         session.bootstrap()
         replay, results = [], {}
         for cell in cells:

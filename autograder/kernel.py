@@ -1,4 +1,5 @@
-"""The learner's kernel: a Jupyter kernel in a process of its own, with time and memory limits.
+"""The learner's kernel: a Jupyter kernel in a sandbox of its own (:mod:`autograder.sandbox`), with time and memory
+limits.
 
 Learner code runs only here. The grader sends it cells to execute and function calls to make
 (:mod:`autograder.remote`), and keeps the checks, the references and the scores in its own process, where
@@ -10,6 +11,7 @@ the learner's code needs.
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,30 +49,32 @@ class Outcome:
 
 
 class LearnerKernel:
-    """A Jupyter kernel for untrusted code. Use as a context manager.
+    """A Jupyter kernel for untrusted code, inside ``sandbox`` (a :class:`~autograder.sandbox.Sandbox`). Use as a
+    context manager. It talks to the grader over Unix sockets in a folder of its own (the sandbox has no network).
 
     Args:
-        cwd: the kernel's working directory (the notebook's folder).
-        memory_mb: address-space cap of the kernel process (0: none, e.g. on a GPU).
-        rss_limit_mb: resident-memory limit enforced by a watchdog (0: none).
+        sandbox: where it runs, and under which limits.
+        gpu: let it see the GPUs.
+        rss_limit_mb: on a GPU without a cgroup: a watchdog kills the kernel when its processes together hold more
+            resident memory than this (0: no watchdog).
         env: extra environment variables.
     """
 
-    def __init__(self, cwd, memory_mb=8192, rss_limit_mb=0, env=None):
-        self.cwd, self.memory_mb, self.rss_limit_mb = str(cwd), memory_mb, rss_limit_mb
-        self.env = {**os.environ, **(env or {})}
+    def __init__(self, sandbox, gpu=False, rss_limit_mb=0, env=None):
+        self.sandbox, self.gpu, self.rss_limit_mb = sandbox, gpu, rss_limit_mb
+        self.env = dict(env or {})
         self._spec_dir = tempfile.TemporaryDirectory(prefix="autograder-kernel-")
-        self._write_spec()
         self.km = self.kc = None
         self.killed_for_memory = False
+        self._sockets = None
 
-    def _write_spec(self):
+    def _write_spec(self, socket_dir):
         spec = Path(self._spec_dir.name) / "kernels" / "learner"
-        spec.mkdir(parents=True)
-        argv = [sys.executable, "-m", "autograder.limits", "--memory-mb", str(self.memory_mb), "--",
-                sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        spec.mkdir(parents=True, exist_ok=True)
+        argv = self.sandbox.command([sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                                    socket_dir, self.env, gpu=self.gpu)
         (spec / "kernel.json").write_text(json.dumps(
-            {"argv": argv, "display_name": "learner (limited)", "language": "python"}))
+            {"argv": argv, "display_name": "learner (sandboxed)", "language": "python"}))
 
     def __enter__(self):
         self.start()
@@ -80,17 +84,26 @@ class LearnerKernel:
         self.shutdown()
 
     def start(self):
+        socket_dir = self._sockets = self.sandbox.new_socket_dir()
+        self.sandbox.start_cgroup()
+        self._write_spec(socket_dir)
         ksm = KernelSpecManager(kernel_dirs=[str(Path(self._spec_dir.name) / "kernels")])
-        self.km = KernelManager(kernel_name="learner", kernel_spec_manager=ksm)
+        self.km = KernelManager(kernel_name="learner", kernel_spec_manager=ksm, transport="ipc",
+                                ip=str(socket_dir / "kernel"))
+        self.km.connection_file = str(socket_dir / "connection.json")
+        self.km.write_connection_file()
+        self.sandbox.give(self.km.connection_file)
         repo = str(Path(__file__).resolve().parent.parent)  # so that `-m autograder.limits` resolves
-        env = dict(self.env, PYTHONPATH=os.pathsep.join(filter(None, [repo, self.env.get("PYTHONPATH")])))
-        # the kernel's own chatter (ports, warnings) would look like the grader's: it goes nowhere
-        self.km.start_kernel(cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": repo}
+        # the kernel's own chatter (warnings) would look like the grader's: it goes nowhere
+        self.km.start_kernel(cwd=str(self.sandbox.lesson_dir), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=120)
+        self.sandbox.take_back(socket_dir)  # the sockets exist now: nothing in the sandbox may swap them
         self.killed_for_memory = False
-        if self.rss_limit_mb:
+        if self.rss_limit_mb and self.sandbox.cgroup is None:
             threading.Thread(target=self._watch_memory, args=(self.km,), daemon=True).start()
 
     def shutdown(self):
@@ -98,7 +111,10 @@ class LearnerKernel:
             self.kc.stop_channels()
         if self.km is not None and self.km.has_kernel:
             self.km.shutdown_kernel(now=True)
-        self.km = self.kc = None
+        self.sandbox.stop_cgroup()  # whatever the notebook left running goes too
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+        self.km = self.kc = self._sockets = None
 
     def restart(self):
         self.shutdown()
@@ -114,12 +130,7 @@ class LearnerKernel:
     def _watch_memory(self, km):
         pid = self._pid(km)
         while pid and km.has_kernel and km is self.km:
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                return
-            rss_kb = int(status.split("VmRSS:")[1].split()[0]) if "VmRSS:" in status else 0
-            if rss_kb > self.rss_limit_mb * 1024:
+            if tree_rss_kb(pid) > self.rss_limit_mb * 1024:
                 self.killed_for_memory = True
                 km.kill_kernel()
                 return
@@ -167,3 +178,29 @@ class LearnerKernel:
         # A loop stuck in native code may ignore an interrupt: a fresh kernel is the only sure way out.
         self.restart()
         return Outcome("timeout", extra={"timeout": timeout})
+
+
+def tree_rss_kb(pid):
+    """Resident memory (KiB) of process ``pid`` and all its descendants, read from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, total = {pid}, 0
+    for _ in range(64):  # descendants, level by level
+        grown = tree | {p for p, parent in parents.items() if parent in tree}
+        if grown == tree:
+            break
+        tree = grown
+    for member in tree:
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        if "VmRSS:" in status:
+            total += int(status.split("VmRSS:")[1].split()[0])
+    return total

@@ -13,7 +13,9 @@ the codec between them. The checks reach it only through :meth:`RemoteFunction.r
 """
 import builtins
 import itertools
-import tempfile
+import os
+import select
+import threading
 from pathlib import Path
 
 import torch
@@ -54,7 +56,7 @@ class RemoteFunction:
     def __call__(self, *args, **kwargs):
         call_id = self.session.new_id()
         grad_inputs = [t for t in wire.tensors_in((args, kwargs)) if t.requires_grad]
-        result = self.session.call(f"serve_call(globals(), {self.target!r}, {{request}}, {{response}}, {call_id})",
+        result = self.session.call(f"serve_call(globals(), {self.target!r}, {{request}}, {{answer}}, {call_id})",
                                    {"args": args, "kwargs": kwargs}, self.name)
         outputs = [t for t in wire.tensors_in(result) if t.requires_grad]
         if not (grad_inputs and outputs and torch.is_grad_enabled()):
@@ -77,7 +79,7 @@ class RemoteObject(RemoteFunction):
     def __getattr__(self, attribute):
         if attribute.startswith("__"):
             raise AttributeError(attribute)
-        return self.session.call(f"serve_getattr({self.remote_handle}, {attribute!r}, {{response}}, "
+        return self.session.call(f"serve_getattr({self.remote_handle}, {attribute!r}, {{answer}}, "
                                  f"{self.session.new_id()})", None, f"{self.name}.{attribute}")
 
 
@@ -92,23 +94,120 @@ class _RemoteGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        grads = ctx.remote.session.call(f"serve_backward({{request}}, {{response}}, {ctx.call_id})",
+        grads = ctx.remote.session.call(f"serve_backward({{request}}, {{answer}}, {ctx.call_id})",
                                         list(grad_outputs), ctx.remote.name)
         grads = [torch.zeros(s, dtype=d, device=dev) if g is None else g.to(dev)
                  for g, (s, d, dev) in zip(grads, ctx.input_meta)]
         return (None, None, None, *grads, *([None] * len(grad_outputs)))
 
 
+class AnswerPipe:
+    """The grader's end of the pipe that answers come back through (a FIFO in the grader's call folder, which the
+    sandbox sees read-only). A thread reads it as it fills, frame by frame (:data:`autograder.wire.FRAME`), and keeps
+    only the frame of the call being waited for, at most :data:`~autograder.wire.MAX_MESSAGE_BYTES`: whatever else
+    the notebook writes there is read and dropped, and bytes that are not a frame spoil only this notebook's calls."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / "answers"
+        os.mkfifo(self.path)
+        os.chmod(self.path, 0o622)  # the sandbox may write, only the grader reads
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)  # one writer of its own: never an EOF
+        self._changed = threading.Condition()
+        self._expected, self._answer, self.broken = None, None, ""
+        self._closed = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def expect(self, n):
+        with self._changed:
+            self._expected, self._answer = n, None
+
+    def wait(self, n, timeout):
+        """The bytes of answer ``n`` (or a :class:`~autograder.wire.WireError` to raise), None if none came."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._answer is not None or self.broken, timeout)
+            answer = self._answer
+            self._expected = self._answer = None
+        if answer is None and self.broken:
+            return wire.WireError(self.broken)
+        return answer
+
+    def close(self):
+        self._closed = True
+
+    def _bytes(self, n):
+        """Up to n bytes as they arrive; b"" once closed."""
+        while not self._closed:
+            ready, _, _ = select.select([self._fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(self._fd, min(n, 1 << 20))
+                except BlockingIOError:
+                    continue
+                if chunk:
+                    return chunk
+        return b""
+
+    def _exactly(self, n, keep):
+        parts, left = [], n
+        while left:
+            chunk = self._bytes(left)
+            if not chunk:
+                return None
+            left -= len(chunk)
+            if keep:
+                parts.append(chunk)
+        return b"".join(parts) if keep else b""
+
+    def _deliver(self, answer):
+        with self._changed:
+            self._answer = answer
+            self._changed.notify_all()
+
+    def _read(self):
+        try:
+            while not self._closed:
+                header = self._exactly(wire.FRAME.size, keep=True)
+                if header is None:
+                    break
+                magic, n, length = wire.FRAME.unpack(header)
+                if magic != wire.MAGIC:
+                    with self._changed:
+                        self.broken = "the pipe held bytes that are not an answer of the grader's protocol"
+                        self._changed.notify_all()
+                    while self._bytes(1 << 20):
+                        pass
+                    break
+                wanted, too_large = n == self._expected, length > wire.MAX_MESSAGE_BYTES
+                if wanted and too_large:  # refused at once: what follows is read and dropped
+                    self._deliver(wire.WireError(f"an answer of {length >> 20} MiB, more than the "
+                                                 f"{wire.MAX_MESSAGE_BYTES >> 20} MiB one message may"))
+                data = self._exactly(length, keep=wanted and not too_large)
+                if data is None:
+                    break
+                if wanted and not too_large:
+                    self._deliver(data)
+        finally:
+            os.close(self._fd)
+
+
 class RemoteSession:
-    """Function calls into one :class:`~autograder.kernel.LearnerKernel`, through files in a private folder."""
+    """Function calls into one :class:`~autograder.kernel.LearnerKernel`: requests as files in the sandbox's call
+    folder (the grader's: the notebook sees it read-only), answers through its :class:`AnswerPipe`."""
 
     BOOTSTRAP = "from autograder.serve import serve_backward, serve_call, serve_getattr"
+    # Seconds an answer may still take once the kernel says the call is done: by then it has all been written into
+    # the pipe, of which at most the pipe's buffer is left to read.
+    ANSWER_WAIT = 5.0
 
     def __init__(self, kernel, call_timeout):
         self.kernel, self.call_timeout = kernel, call_timeout
-        self._dir = tempfile.TemporaryDirectory(prefix="autograder-calls-")
+        self._dir = kernel.sandbox.calls
+        self.pipe = AnswerPipe(self._dir)
         self._n = itertools.count()
         self._ids = itertools.count()
+
+    def close(self):
+        self.pipe.close()
 
     def new_id(self):
         return next(self._ids)
@@ -121,14 +220,19 @@ class RemoteSession:
 
     def call(self, template, payload, name):
         n = next(self._n)
-        request, response = (Path(self._dir.name) / f"{n}.{part}.pt" for part in ("request", "response"))
+        request = self._dir / f"{n}.request.pt"
         try:
             wire.save(payload, request)
         except FileExistsError:
             raise LearnerError(f"{name} could not be called: something already lies where the grader writes its "
                                "request (the notebook tampered with the grader's call files)") from None
-        outcome = self.kernel.run(template.format(request=repr(str(request)), response=repr(str(response))),
+        self.pipe.expect(n)
+        outcome = self.kernel.run(template.format(request=repr(str(request)), answer=repr((str(self.pipe.path), n))),
                                   timeout=self.call_timeout)
+        try:
+            request.unlink()
+        except OSError:
+            pass
         if outcome.status == "timeout":
             raise LearnerTimeout(f"{name} ran past the time limit of {self.call_timeout:g} s")
         if outcome.status == "died":
@@ -136,10 +240,13 @@ class RemoteSession:
                                (f" ({outcome.evalue})" if outcome.evalue else ""))
         if outcome.status != "ok":
             raise LearnerError(f"{name} could not be called: {outcome.message or 'no answer from the kernel'}")
+        data = self.pipe.wait(n, self.ANSWER_WAIT)
+        if data is None:
+            raise LearnerError(f"{name} could not be called: no answer from the kernel")
         try:
-            answer = wire.load(response)
-        except FileNotFoundError:
-            raise LearnerError(f"{name} could not be called: no answer from the kernel") from None
+            if isinstance(data, wire.WireError):
+                raise data
+            answer = wire.loads(data, name="the answer")
         except wire.WireError as exc:
             raise LearnerError(f"{name}: the notebook's answer was refused: {exc}") from None
         if not isinstance(answer, dict) or not ("error" in answer or "result" in answer):

@@ -1,18 +1,18 @@
 """The learner kernel's side of the grader's calls: it runs inside the learner's kernel, never in the grader.
 
 The grader (:mod:`autograder.remote`) imports :func:`serve_call`, :func:`serve_getattr` and :func:`serve_backward`
-into the kernel when it starts, then sends code that calls them with the paths of a request file and a response
-file (:mod:`autograder.wire`). A call's target is a name in the notebook, an object kept here (``[handle,
-attribute]``), or a helper of an installed module (``"module:function"``, what a check's
-:func:`sb_ref.testing.remote.run_where_it_lives` asks for). Kept here, between calls: the autograd graph of each
-call whose inputs need gradients (for :func:`serve_backward`), and the objects that cannot travel (a module, a
-generator, ...), which go to the grader as handles.
+into the kernel when it starts, then sends code that calls them with the path of a request file and where the
+answer goes (the grader's pipe and the call's number, :func:`autograder.wire.send_answer`). A call's target is a
+name in the notebook, an object kept here (``[handle, attribute]``), or a helper of an installed module
+(``"module:function"``, what a check's :func:`sb_ref.testing.remote.run_where_it_lives` asks for). Kept here,
+between calls: the autograd graph of each call whose inputs need gradients (for :func:`serve_backward`), and the
+objects that cannot travel (a module, a generator, ...), which go to the grader as handles.
 """
 import importlib
 
 import torch
 
-from .wire import REMOTE, load, save, tensors_in
+from .wire import REMOTE, load, send_answer, tensors_in
 
 _graphs = {}  # call id -> (inputs that need gradients, differentiable outputs), kept for the backward
 _objects = {}  # handle -> an object of the learner's that cannot travel (a module, a generator, ...)
@@ -23,14 +23,14 @@ def _error(exc):
     return {"error": [kind.__name__, f"{kind.__module__}.{kind.__qualname__}", str(exc)]}
 
 
-def _respond(result, response_path, call_id):
+def _respond(result, answer, call_id):
     """Write ``result``; what cannot travel stays here and goes back as a handle."""
     try:
-        save({"result": result}, response_path)
+        send_answer({"result": result}, answer)
     except TypeError:
         _objects[call_id] = result
-        save({"result": {REMOTE: call_id, "type": type(result).__name__,
-                         "callable": callable(result)}}, response_path)
+        send_answer({"result": {REMOTE: call_id, "type": type(result).__name__,
+                         "callable": callable(result)}}, answer)
 
 
 def _target(namespace, target):
@@ -45,7 +45,7 @@ def _target(namespace, target):
     return obj if attribute is None else getattr(obj, attribute)
 
 
-def serve_call(namespace, target, request_path, response_path, call_id):
+def serve_call(namespace, target, request_path, answer, call_id):
     """Kernel side: call the target with the arguments of the request file, write the response."""
     try:
         request = load(request_path, namespace, _objects, imports=True)
@@ -56,26 +56,26 @@ def serve_call(namespace, target, request_path, response_path, call_id):
             outputs = [t for t in tensors_in(result) if t.requires_grad]
             _graphs[call_id] = (inputs, outputs)
     except BaseException as exc:  # the learner's code may raise anything, SystemExit included
-        save(_error(exc), response_path)
+        send_answer(_error(exc), answer)
         return
-    _respond(result, response_path, call_id)
+    _respond(result, answer, call_id)
 
 
-def serve_getattr(handle, attribute, response_path, call_id):
+def serve_getattr(handle, attribute, answer, call_id):
     """Kernel side: an attribute of a kept object; methods come back as handles to call."""
     try:
         value = getattr(_objects[handle], attribute)
     except BaseException as exc:
-        save(_error(exc), response_path)
+        send_answer(_error(exc), answer)
         return
     if callable(value) and not isinstance(value, torch.Tensor):
         _objects[call_id] = value
-        save({"result": {REMOTE: call_id, "type": type(value).__name__, "callable": True}}, response_path)
+        send_answer({"result": {REMOTE: call_id, "type": type(value).__name__, "callable": True}}, answer)
     else:
-        _respond(value, response_path, call_id)
+        _respond(value, answer, call_id)
 
 
-def serve_backward(request_path, response_path, call_id):
+def serve_backward(request_path, answer, call_id):
     """Kernel side: gradients of a recorded call's inputs for the output gradients in the request file."""
     try:
         inputs, outputs = _graphs.pop(call_id)
@@ -85,4 +85,4 @@ def serve_backward(request_path, response_path, call_id):
         response = {"result": list(grads)}
     except BaseException as exc:
         response = _error(exc)
-    save(response, response_path)
+    send_answer(response, answer)

@@ -1,13 +1,13 @@
 """How arguments and results travel between the grader and the learner's kernel: the codec, used on both sides.
 
-Values go through files written with ``torch.save`` and read with ``torch.load(weights_only=True)``, which
-unpickles tensors, numbers, strings and containers and nothing else: whatever the learner's code writes, the
-grader never runs it. A message is written only to a new file (never through a link planted at its path) and read
-only from a regular file of bounded size, opened without following links or blocking; a tensor larger than a
-message may carry is refused before anything copies it; and only the kernel's side resolves a function named for
-import (the grader sends installed functions by name; an answer that names one is refused). numpy arrays and
-scalars travel as tagged tensors; tensors come back to the device they left from. What cannot travel stays where
-it is and goes as a handle (tagged :data:`REMOTE`).
+Values are written with ``torch.save`` and read with ``torch.load(weights_only=True)``, which unpickles
+tensors, numbers, strings and containers and nothing else: whatever the learner's code writes, the grader never
+runs it. Requests go as files that only the grader can write (a new file each, never through a link); answers come
+back as frames in a pipe that the grader owns and reads with a bound on every frame (:func:`send_answer`); a tensor
+larger than a message may carry is refused before anything copies it; and only the kernel's side resolves a
+function named for import (the grader sends installed functions by name; an answer that names one is refused).
+numpy arrays and scalars travel as tagged tensors; tensors come back to the device they left from. What cannot
+travel stays where it is and goes as a handle (tagged :data:`REMOTE`).
 
 The grader's side of the calls is :mod:`autograder.remote`; the learner kernel's side is :mod:`autograder.serve`.
 """
@@ -15,6 +15,7 @@ import importlib
 import io
 import os
 import stat
+import struct
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ REMOTE = "__remote__"  # {REMOTE: handle, ...}: an object of the learner's kerne
 # single number would otherwise become gigabytes the moment it is copied).
 MAX_MESSAGE_BYTES = 1 << 30
 MAX_TENSOR_BYTES = 1 << 30
+
+
+# An answer's frame in the grader's pipe: magic, the call's number, the length of the message that follows.
+FRAME, MAGIC = struct.Struct("<8sQQ"), b"SB-ANSWR"
 
 
 class WireError(ValueError):
@@ -115,14 +120,29 @@ def decode(value, namespace=None, objects=None, *, imports=False):
     return value
 
 
+def dumps(value):
+    """The bytes of one message: ``value`` encoded (:func:`encode`) and written by ``torch.save``."""
+    data = io.BytesIO()
+    torch.save(encode(value), data)
+    return data.getvalue()
+
+
 def save(value, path):
     """Write ``value`` to a new file at ``path``: whatever is there already (a planted link, a FIFO) is an error
     (``FileExistsError``), never a file written through."""
-    data = io.BytesIO()
-    torch.save(encode(value), data)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    data = dumps(value)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "wb") as file:
-        file.write(data.getbuffer())
+        file.write(data)
+
+
+def send_answer(value, answer):
+    """Kernel side: write ``value`` as the answer to call number ``n`` into the grader's pipe, ``answer = (path,
+    n)``: a frame of :data:`FRAME` (magic, n, length) and the message's bytes."""
+    path, n = answer
+    data = dumps(value)
+    with open(path, "wb") as pipe:
+        pipe.write(FRAME.pack(MAGIC, n, len(data)) + data)
 
 
 def read_message(path, max_bytes=MAX_MESSAGE_BYTES):
@@ -147,16 +167,19 @@ def read_message(path, max_bytes=MAX_MESSAGE_BYTES):
     return data
 
 
-def load(path, namespace=None, objects=None, *, imports=False, max_bytes=MAX_MESSAGE_BYTES):
-    """:func:`decode` of a file written by :func:`save`: read by :func:`read_message`, unpickled with
-    ``weights_only=True`` (tensors, numbers, strings and containers, nothing that runs)."""
-    data = read_message(path, max_bytes)
+def loads(data, namespace=None, objects=None, *, imports=False, name="the message"):
+    """:func:`decode` of the bytes of a message, unpickled with ``weights_only=True`` (tensors, numbers, strings and
+    containers, nothing that runs)."""
     try:
         value = torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:  # not a message of this codec: say so, whatever the unpickler raised
-        raise WireError(f"{os.path.basename(path)} is not a message of the grader's codec "
-                        f"({type(exc).__name__})") from None
+        raise WireError(f"{name} is not a message of the grader's codec ({type(exc).__name__})") from None
     return decode(value, namespace, objects, imports=imports)
+
+
+def load(path, namespace=None, objects=None, *, imports=False, max_bytes=MAX_MESSAGE_BYTES):
+    """:func:`loads` of a file written by :func:`save`, read by :func:`read_message`."""
+    return loads(read_message(path, max_bytes), namespace, objects, imports=imports, name=os.path.basename(path))
 
 
 def tensors_in(value):

@@ -134,14 +134,20 @@ def test_make_grade_on_a_fresh_clone_scores_the_untouched_release_zero_and_leave
 
 
 def test_a_quadratic_blocked_attention_loses_only_the_memory_points(tmp_path):
-    """The allocation probe runs in the notebook's kernel, where the learner's tensors are allocated."""
+    """The allocation probe runs in the notebook's kernel, where the learner's tensors are allocated. The quadratic
+    version is the learner's own (the library's is hidden in lesson 04's sandbox)."""
     lesson = "04_tiles"
     nb = nbformat.read(ROOT / "solutions" / lesson / f"{lesson}.ipynb", as_version=4)
     _solution_cell(nb, "blocked_attention").source = (
         "def blocked_attention(q, k, v, block, attend_current=False):\n"
-        "    o, rem = sb_ref.testing.oracle_attention(q, k, v, attend_current=attend_current)  # T x T weights\n"
         "    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32\n"
-        "    return o.to(q.dtype), rem.to(dtype)\n")
+        "    z = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5  # T x T logits\n"
+        "    T = z.shape[-1]\n"
+        "    seen = torch.ones(T, T, dtype=torch.bool).tril(0 if attend_current else -1)\n"
+        "    log_keep = torch.nn.functional.logsigmoid(-z).masked_fill(~seen, 0.0)\n"
+        "    farther = log_keep.flip(-1).cumsum(-1).flip(-1) - log_keep  # keys nearer than j, summed\n"
+        "    A = (torch.nn.functional.logsigmoid(z) + farther).exp().masked_fill(~seen, 0.0)\n"
+        "    return (A @ v.to(dtype)).to(q.dtype), log_keep.sum(-1).exp()\n")
     nb.cells.insert(1, nbformat.v4.new_code_cell("import sb_ref, torch"))
     path = tmp_path / "bob" / f"{lesson}.ipynb"
     path.parent.mkdir(parents=True)
@@ -175,18 +181,23 @@ def test_monkeypatching_the_real_checks_in_the_notebook_changes_nothing(tmp_path
     assert report["points"] == 0 and report["max_points"] > 0, proc.stdout
 
 
-def test_a_submission_that_rewrites_the_grader_stops_grading(tmp_path):
-    """Learner code can write files; if it touches what grading trusts, grading stops instead of going on."""
-    sandbox = tmp_path / "course"
-    shutil.copytree(ROOT / "autograder", sandbox / "autograder")
-    shutil.copytree(ROOT / "solutions" / "00_setup", sandbox / "solutions" / "00_setup")
+@pytest.mark.skipif(__import__("autograder.sandbox").sandbox.bwrap_problem() is not None, reason="no sandbox here")
+def test_a_submission_that_rewrites_the_grader_is_stopped_by_the_sandbox_and_else_by_the_fingerprint(tmp_path):
+    """Learner code that writes into what grading trusts: in the sandbox it cannot; without one (--no-sandbox)
+    the grader sees the change and stops instead of going on."""
+    course = tmp_path / "course"
+    shutil.copytree(ROOT / "autograder", course / "autograder")
+    shutil.copytree(ROOT / "solutions" / "00_setup", course / "solutions" / "00_setup")
     lesson = "00_setup"
     nb = nbformat.read(ROOT / "lessons" / lesson / f"{lesson}.ipynb", as_version=4)
-    target = sandbox / "solutions" / lesson / f"{lesson}.ipynb"
+    target = course / "solutions" / lesson / f"{lesson}.ipynb"
+    before = target.read_bytes()
     nb.cells.insert(0, nbformat.v4.new_code_cell(f"open({str(target)!r}, 'a').write(' ')"))
     path = tmp_path / "eve" / f"{lesson}.ipynb"
     path.parent.mkdir(parents=True)
     nbformat.write(nb, path)
-    proc = grader(path, cwd=sandbox)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "changed the grader's files" in proc.stderr and "tampered" in proc.stderr
+    sandboxed = grader(path, cwd=course)
+    assert sandboxed.returncode == 0 and target.read_bytes() == before, sandboxed.stdout + sandboxed.stderr
+    unsandboxed = grader(path, "--no-sandbox", cwd=course)
+    assert unsandboxed.returncode == 1, unsandboxed.stdout + unsandboxed.stderr
+    assert "changed the grader's files" in unsandboxed.stderr and "tampered" in unsandboxed.stderr

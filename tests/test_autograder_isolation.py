@@ -11,6 +11,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from autograder.grading import grade_notebook
 from autograder.kernel import MAX_STDOUT_CHARS, LearnerKernel
+from autograder.sandbox import Sandbox, SandboxLimits, bwrap_problem
 
 SOLUTION = "    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION"
 TEST_VISIBLE = "assert torch.equal(double(torch.ones(3)), 2 * torch.ones(3)), 'double(x) must be 2 * x'"
@@ -47,7 +48,7 @@ def grade(tmp_path):
     def run(nb, with_hidden=True, **limits):
         path = tmp_path / "submission.ipynb"
         nbformat.write(nb, path)
-        kw = {"cell_timeout": 8, "call_timeout": 8, "memory_mb": 4096, **limits}
+        kw = {"cell_timeout": 8, "call_timeout": 8, "limits": SandboxLimits(memory_mb=4096), **limits}
         result = grade_notebook(path, source, with_hidden=with_hidden, **kw)
         return result, {e.grade_id: (e.points, e.status, e.message) for e in result.exercises}
 
@@ -132,25 +133,21 @@ def test_a_crashing_native_call_is_contained(grade):
     assert result.points == 0 and {s for _, s, _ in ex.values()} == {"crashed"}
 
 
-def test_the_kernel_never_holds_the_hidden_tests(grade, tmp_path):
-    """The learner's code can search its whole process: the hidden tests' code is not there to find."""
-    found = tmp_path / "found.txt"
+def test_the_kernel_never_holds_the_hidden_tests(grade):
+    """The learner's code can search its whole process: the hidden tests' code is not there to find. The search
+    answers through the score: double is right only while nothing is found."""
     body = ("    import gc\n"
             "    needle = 'negative input' + ' (qz7)'  # the hidden test's message, never written whole here\n"
             "    def strings(o):\n"
             "        items = o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()\n"
             "        return [s for s in items if isinstance(s, str)]\n"
             "    hits = sum(needle in s and s != needle for o in gc.get_objects() for s in strings(o))\n"
-            f"    open({str(found)!r}, 'a').write(str(hits) + '\\n')\n"
-            "    return 2 * x")
+            "    return 2 * x if hits == 0 else 3 * x")
     result, _ = grade(lesson(body))
     assert result.points == 3
-    assert found.read_text().split() and set(found.read_text().split()) == {"0"}
     # the search does find the hidden test's words once they have been run in the kernel
-    found.unlink()
     leak = _cell("# hidden: negative input (qz7)", "leak", locked=True)
-    grade(lesson(body, before=[leak]))
-    assert "0" not in found.read_text().split()
+    assert grade(lesson(body, before=[leak]))[0].points == 0
 
 
 def test_a_crash_inside_the_triton_interpreter_is_contained(grade):
@@ -175,42 +172,59 @@ def test_a_cell_dressed_up_as_a_test_earns_nothing(grade):
 # define its own) gets its answers refused, and the grader neither imports, blocks nor writes where it points
 
 def _own_serve_call(body):
-    return _cell("import os, torch\nfrom autograder.serve import serve_call as real_serve_call\n\n"
-                 "def serve_call(namespace, target, request_path, response_path, call_id):\n" + body,
+    return _cell("import os, torch\nfrom autograder import wire\n"
+                 "from autograder.serve import serve_call as real_serve_call\n\n"
+                 "def serve_call(namespace, target, request_path, answer, call_id):\n" + body,
                  "own_protocol", solution=True)
 
 
 def test_an_answer_naming_a_module_to_import_is_refused(grade, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))  # the grader's folder on its path, as `python -m autograder` has
+    """The module is planted by the test on the grader's path (the sandbox cannot write there): the grader must
+    still not import what an answer names."""
+    monkeypatch.syspath_prepend(str(tmp_path))
     marker = tmp_path / "imported.txt"
-    module = f"open({str(marker)!r}, 'w').write('x')\ndef f(*args):\n    return True\n"
-    body = (f"    open('sb_planted_module.py', 'w').write({module!r})\n"
-            "    torch.save({'__dict__': [('result', {'__function__': ['sb_planted_module', 'f']})]}, response_path)\n")
+    (tmp_path / "sb_planted_module.py").write_text(f"open({str(marker)!r}, 'w').write('x')\ndef f(*args):\n"
+                                                   "    return True\n")
+    body = ("    path, n = answer\n"
+            "    import io; value = {'__dict__': [('result', {'__function__': ['sb_planted_module', 'f']})]}\n"
+            "    buffer = io.BytesIO(); torch.save(value, buffer); data = buffer.getvalue()\n"
+            "    open(path, 'wb').write(wire.FRAME.pack(wire.MAGIC, n, len(data)) + data)\n")
     result, ex = grade(lesson("    return 2 * x", before=[_own_serve_call(body)]))
-    assert (tmp_path / "sb_planted_module.py").exists(), "the notebook's cell should have written its module"
     assert not marker.exists() and "sb_planted_module" not in sys.modules, "the grader imported the module"
     assert result.points == 0 and ex["test_double"][1] == "failed"
     assert "refused" in ex["test_double"][2] and "imports nothing" in ex["test_double"][2]
 
 
-def test_a_fifo_as_the_answer_is_refused_without_blocking(grade):
-    body = "    os.mkfifo(response_path)\n"
+@pytest.mark.parametrize("written, refusal", [
+    ("b'not a frame at all, and then some more bytes'", "not an answer of the grader's protocol"),
+    ("wire.FRAME.pack(wire.MAGIC, n, 3 << 30)", "more than"),
+    ("b''", "no answer"),
+])
+def test_what_the_notebook_writes_into_the_answer_pipe_is_bounded_and_never_blocks(grade, written, refusal):
+    body = f"    path, n = answer\n    open(path, 'wb').write({written})\n"
     start = time.monotonic()
     result, ex = grade(lesson("    return 2 * x", before=[_own_serve_call(body)]))
     assert time.monotonic() - start < 60, "reading the answer blocked"
-    assert result.points == 0 and "not a regular file" in ex["test_double"][2]
+    assert result.points == 0 and refusal in ex["test_double"][2]
 
 
-def test_a_link_planted_as_the_next_request_is_not_written_through(grade, tmp_path):
+def test_the_call_folder_cannot_be_written_from_the_sandbox(grade, tmp_path):
+    """A link planted as the next request would make the grader write where the notebook chose: the sandbox sees
+    the grader's call folder read-only, so there is nothing to plant, and the calls go on."""
     victim = tmp_path / "victim.txt"
     victim.write_text("the learner's target")
     body = ("    folder, name = os.path.split(request_path)\n"
             "    n = int(name.split('.')[0])\n"
-            f"    os.symlink({str(victim)!r}, os.path.join(folder, f'{{n + 1}}.request.pt'))\n"
-            "    real_serve_call(namespace, target, request_path, response_path, call_id)\n")
+            "    try:\n"
+            f"        os.symlink({str(victim)!r}, os.path.join(folder, f'{{n + 1}}.request.pt'))\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "    else:\n"
+            "        raise SystemExit('planted')\n"
+            "    real_serve_call(namespace, target, request_path, answer, call_id)\n")
     result, ex = grade(lesson("    return 2 * x", before=[_own_serve_call(body)]))
     assert victim.read_text() == "the learner's target"
-    assert ex["test_double"][1] == "failed" and "tampered" in ex["test_double"][2]
+    assert result.points == 3, ex
 
 
 def test_a_stride_0_tensor_of_gigabytes_is_refused_before_any_copy(grade):
@@ -219,6 +233,8 @@ def test_a_stride_0_tensor_of_gigabytes_is_refused_before_any_copy(grade):
 
 
 def test_the_grader_keeps_at_most_a_bounded_part_of_what_a_cell_prints(tmp_path):
-    with LearnerKernel(tmp_path, memory_mb=4096) as kernel:
+    sandbox = Sandbox(tmp_path, SandboxLimits(memory_mb=4096), enabled=bwrap_problem() is None)
+    with LearnerKernel(sandbox) as kernel:
         outcome = kernel.run("print('x' * (8 << 20))", timeout=60)
+    sandbox.close()
     assert outcome.status == "ok" and MAX_STDOUT_CHARS <= len(outcome.stdout) < MAX_STDOUT_CHARS + 100

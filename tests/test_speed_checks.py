@@ -126,7 +126,7 @@ def test_the_grader_runs_the_probes_in_the_notebooks_kernel(tmp_path, monkeypatc
     path = tmp_path / "speed.ipynb"
     nbformat.write(nb, path)
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # make_args for the cell
-    result = grade_notebook(path, path, call_timeout=300, memory_mb=8192)
+    result = grade_notebook(path, path, call_timeout=300)
     (exercise,) = result.exercises
     assert (exercise.points, exercise.status) == (points, status), exercise.message
     if status == "passed":

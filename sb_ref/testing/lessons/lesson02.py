@@ -161,12 +161,12 @@ def check_gradcheck_attention(gradcheck_attention):
                                  f"  case: {case}\n  hint: build small float64 q, k, v with requires_grad=True and "
                                  "call torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v), (q, k, v)).") from exc
 
-    if not accepts(references.good_attention, "a correct stick-breaking attention"):
+    if not accepts(references.softmax_attention, "a correct attention (causal softmax)"):
         raise AssertionError(f"{check}: your gradcheck rejected a correct attention.\n"
                              "  hint: gradcheck compares against finite differences, which need float64 inputs "
                              "(torch.float64) to be accurate; keep the inputs small (T <= 8) and pass them with "
                              "requires_grad=True.")
-    if accepts(references.broken_attention, "an attention with a wrong backward"):
+    if accepts(references.broken_attention, "an attention whose backward is wrong"):
         raise AssertionError(f"{check}: your gradcheck accepted an attention whose backward is wrong.\n"
                              "  hint: call torch.autograd.gradcheck on the attention you are given (both of its "
                              "outputs, o and rem, count) and return what it says.")

@@ -18,31 +18,36 @@ from torch import nn
 
 from ...attention import stick_breaking_attention
 from ...weights import reverse_exclusive_cumsum, stick_breaking_weights
-from ..core import oracle_attention
 from .harness import quiet
 
 
 # --------------------------------------------------------------------------------------------------------------
-# lesson 02: a correct and a wrong backward
+# lesson 02: a correct and a wrong backward (for gradcheck), and the reference attention with its gradients
+
+def softmax_attention(q, k, v, scale=None, attend_current=False):
+    """A correct, differentiable attention that is not the lesson's (causal softmax), and a second output standing
+    in for rem: what lesson 02's gradcheck exercise is handed, so that the function it is given answers nothing."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    z = scale * q @ k.transpose(-1, -2)
+    T = z.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=z.device).tril()
+    return z.masked_fill(~causal, float("-inf")).softmax(-1) @ v, torch.sigmoid(z).mean(-1)
+
 
 class BrokenBackward(torch.autograd.Function):
-    """Stick-breaking attention whose backward is wrong on purpose (drops the gradient through the stick)."""
+    """:func:`softmax_attention` with a backward that is wrong on purpose (every gradient halved)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
         ctx.save_for_backward(q, k, v)
-        o, rem = oracle_attention(q, k, v)
-        return o.to(q.dtype), rem.to(q.dtype)
+        return softmax_attention(q, k, v)
 
     @staticmethod
     def backward(ctx, do, drem):
-        q, k, v = ctx.saved_tensors
         with torch.enable_grad():
-            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-            z = (qq @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            A = torch.sigmoid(z).tril(-1)  # forgets the (1 - beta) factors
-            o = A @ vv
-            return torch.autograd.grad(o, (qq, kk, vv), do)
+            leaves = [x.detach().requires_grad_() for x in ctx.saved_tensors]
+            grads = torch.autograd.grad(softmax_attention(*leaves), leaves, (do, drem))
+        return tuple(0.5 * g for g in grads)
 
 
 def broken_attention(q, k, v, scale=None, attend_current=False):

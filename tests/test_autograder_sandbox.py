@@ -1,0 +1,189 @@
+"""The learner's sandbox, tried as cheating submissions would: each trick runs inside a graded notebook and
+reports what it managed through the score (``double`` is right only while the trick failed).
+
+The lesson is the synthetic one of test_autograder_isolation.py; every test here needs bubblewrap (CI installs
+it), except the last, which checks what the grader says without it.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from autograder import rules
+from autograder.grading import grade_notebook
+from autograder.sandbox import SandboxLimits, bwrap_problem
+from test_autograder_isolation import SOLUTION, _cell, lesson
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_bwrap = pytest.mark.skipif(bwrap_problem() is not None, reason=f"no sandbox here: {bwrap_problem()}")
+
+
+@pytest.fixture
+def grade(tmp_path):
+    source = tmp_path / "source.ipynb"
+    nbformat.write(lesson(SOLUTION), source)
+
+    def run(nb, name="submission", **options):
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        nbformat.write(nb, folder / "submission.ipynb")
+        kw = {"cell_timeout": 20, "call_timeout": 20, "limits": SandboxLimits(memory_mb=4096), **options}
+        result = grade_notebook(folder / "submission.ipynb", source, with_hidden=True, **kw)
+        return result.points, {e.grade_id: (e.points, e.status, e.message) for e in result.exercises}
+
+    return run
+
+
+def trick(setup):
+    """A submission whose ``double`` is right only if ``setup`` (code run once, before the tests) left
+    ``succeeded`` False."""
+    cell = _cell("import os, signal, subprocess, sys, time\nsucceeded = False\n" + setup, "trick", solution=True)
+    return lesson("    return 3 * x if succeeded else 2 * x", before=[cell])
+
+
+def attempt(code):
+    """``setup`` for :func:`trick`: succeeded when ``code`` runs without an exception."""
+    return "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + \
+           "    succeeded = True\nexcept Exception:\n    pass\n"
+
+
+@needs_bwrap
+def test_the_answers_in_solutions_cannot_be_read(grade):
+    path = ROOT / "solutions" / "01_stick_breaking_numpy" / "01_stick_breaking_numpy.ipynb"
+    assert grade(trick(attempt(f"open({str(path)!r}).read()")))[0] == 3
+
+
+@needs_bwrap
+@pytest.mark.parametrize("what", ["uid", "grader", "network", "home"])
+def test_the_kernel_is_unprivileged_alone_offline_and_homeless(grade, what, monkeypatch):
+    monkeypatch.setenv("SB_INSTRUCTOR_SECRET", "hunter2")
+    code = {
+        "uid": "succeeded = os.getuid() == 0 or os.geteuid() == 0",
+        # no process of the grader's is visible, and nothing visible holds its environment or its command line
+        "grader": "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+                  "    try:\n"
+                  "        seen = open(f'/proc/{pid}/environ', 'rb').read() + open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+                  "    except OSError:\n"
+                  "        continue\n"
+                  "    succeeded = succeeded or b'hunter2' in seen or b'pytest' in seen\n"
+                  "try:\n    os.kill(1, signal.SIGKILL)\n    succeeded = True\nexcept OSError:\n    pass",
+        "network": attempt("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)"),
+        "home": attempt(f"open({str(Path.home() / '.bashrc')!r}, 'a').write('# planted')"),
+    }[what]
+    points, ex = grade(trick(code))
+    assert points == 3, ex
+
+
+@needs_bwrap
+def test_the_library_and_the_grader_are_read_only(grade):
+    cache = ROOT / "sb_ref" / "testing" / "__pycache__" / "planted.cpython-311.pyc"
+    code = "\n".join(f"try:\n    open({str(p)!r}, 'w').write('x')\n    succeeded = True\nexcept OSError:\n    pass"
+                     for p in (cache, ROOT / "autograder" / "planted.py", ROOT / "planted.txt"))
+    assert grade(trick(code))[0] == 3
+    assert not cache.exists() and not (ROOT / "autograder" / "planted.py").exists()
+
+
+@needs_bwrap
+def test_a_submission_cannot_see_another_one(grade, tmp_path):
+    grade(lesson(SOLUTION), name="alice")
+    victim = tmp_path / "alice" / "submission.ipynb"
+    before = victim.read_bytes()
+    code = attempt(f"open({str(victim)!r}, 'a').write(' ')") + attempt(f"os.listdir({str(tmp_path)!r})")
+    assert grade(trick(code), name="mallory")[0] == 3
+    assert victim.read_bytes() == before
+
+
+@needs_bwrap
+def test_nothing_the_notebook_started_outlives_its_grading(grade):
+    marker = "4242.4242"
+    code = (f"subprocess.Popen(['setsid', 'sleep', '{marker}'], start_new_session=True)\n"
+            f"subprocess.Popen(['sh', '-c', 'nohup sleep {marker} &'])")
+    grade(trick(code))
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left running after grading: {left}"
+
+
+@needs_bwrap
+def test_memory_is_limited_for_all_processes_together(grade):
+    """Three children of 600 MiB each, under a limit of 1.5 GiB for the whole sandbox: they cannot all hold it."""
+    child = ("import time; b = bytearray(600 << 20); b[::4096] = b'x' * len(b[::4096]); print('held', flush=True); "
+             "time.sleep(60)")
+    code = (f"children = [subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE) "
+            "for _ in range(3)]\n"
+            "held = sum(c.stdout.readline() == b'held\\n' for c in children)\n"
+            "succeeded = held == 3\n"
+            "for c in children:\n    c.kill()")
+    points, ex = grade(trick(code), limits=SandboxLimits(memory_mb=1536, scratch_mb=64))
+    assert points == 3, ex
+
+
+@needs_bwrap
+def test_processes_are_limited_for_all_of_them_together(grade):
+    code = ("children = []\ntry:\n    for _ in range(200):\n"
+            "        children.append(subprocess.Popen(['sleep', '30']))\nexcept OSError:\n    pass\n"
+            "succeeded = len(children) == 200\nfor c in children:\n    c.kill()")
+    points, ex = grade(trick(code), limits=SandboxLimits(memory_mb=4096, processes=64))
+    assert points == 3, ex
+
+
+@needs_bwrap
+def test_the_scratch_folder_is_bounded(grade):
+    code = attempt("open('/tmp/big', 'wb').write(b'x' * (80 << 20))")
+    assert grade(trick(code), limits=SandboxLimits(memory_mb=4096, scratch_mb=32))[0] == 3
+
+
+def test_every_lesson_hides_the_library_it_asks_for():
+    """The stubs keep each module's names and imports, and keep nothing of the hidden code."""
+    for lesson_name, shown in rules.HIDDEN.items():
+        for path, text in rules.hidden_files(lesson_name).items():
+            compile(text, path, "exec")
+            assert "LibraryCallRefused" in text or shown[path].forward_only, (lesson_name, path)
+    naive = rules.hidden_files("01_stick_breaking_numpy")["sb_ref/naive.py"]
+    assert "for " not in naive.split('"""', 2)[-1].split("def ", 1)[-1], "a hidden loop is still in the stub"
+
+
+@needs_bwrap
+def test_an_exercise_answered_by_the_library_earns_nothing(tmp_path):
+    """A real lesson 01 submission that calls sb_ref for every exercise: no points, and the message says why."""
+    lesson_name = "01_stick_breaking_numpy"
+    nb = nbformat.read(ROOT / "solutions" / lesson_name / f"{lesson_name}.ipynb", as_version=4)
+    answers = {
+        "weights_for_query": "def weights_for_query(z_row, i, attend_current=False):\n    import sb_ref\n"
+                             "    return sb_ref.naive.stick_breaking_weights(np.tile(z_row, (i + 1, 1)), "
+                             "attend_current)[i]\n",
+        "weight_matrix": "def weight_matrix(z, attend_current=False):\n    import sb_ref, torch\n"
+                         "    return sb_ref.stick_breaking_weights(torch.as_tensor(z), "
+                         "attend_current=attend_current).numpy()\n",
+        "attention_numpy": "def attention_numpy(q, k, v, attend_current=False):\n    import sb_ref\n"
+                           "    return sb_ref.naive.stick_breaking_attention(q, k, v, attend_current=attend_current)\n",
+    }
+    for cell in nb.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell.source = answers[grade_id]
+    path = tmp_path / "lazy" / lesson_name / f"{lesson_name}.ipynb"
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    result = grade_notebook(path, ROOT / "solutions" / lesson_name / f"{lesson_name}.ipynb", with_hidden=True,
+                            lesson=lesson_name)
+    assert result.points == 0, [(e.grade_id, e.message) for e in result.exercises]
+    assert all("library's own implementation" in e.message for e in result.exercises), result.exercises
+
+
+def test_without_bubblewrap_the_grader_says_so_and_the_instructor_mode_refuses(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))  # no bwrap to be found
+    (tmp_path / "python").symlink_to(sys.executable)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "autograder", *args], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, timeout=600)
+    refused = run("--with-hidden", "solutions/00_setup")
+    assert refused.returncode == 2 and "refusing to grade with hidden tests outside a sandbox" in refused.stderr
+    assert "bubblewrap is not installed" in refused.stderr
+    learner = run("lessons/00_setup")
+    assert learner.returncode == 0, learner.stderr
+    notes = [line for line in learner.stderr.splitlines() if "no sandbox" in line]
+    assert len(notes) == 1 and "bubblewrap is not installed" in notes[0]
