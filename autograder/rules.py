@@ -15,8 +15,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass(frozen=True)
 class Shown:
@@ -51,7 +49,7 @@ _BACKWARD = {"sb_ref/naive.py": _ALL, "sb_ref/decode.py": _ALL, "kernels/backwar
 
 #: lesson -> {file in the repository: how the sandbox shows it}
 HIDDEN = {
-    "00_setup": _ORACLES,
+    "00_setup": {"sb_ref/naive.py": Shown(hide=("sigmoid",)), **_ORACLES},
     "01_stick_breaking_numpy": {**_ATTENTION, **_LAYER, **_ORACLES},
     "02_log_space": {**_ATTENTION, **_LAYER, **_ORACLES},
     "03_attention_layer": {**_LAYER, **_ORACLES},
@@ -67,10 +65,10 @@ HIDDEN = {
 
 #: lesson -> what its exercises may call of sb_ref beyond sb_ref.testing's make_inputs, REGIMES, rel_err and checks
 ALLOWED = {
-    "03_attention_layer": "sb_ref.stick_breaking_attention (the layer around it is the exercise)",
-    "07_triton_backward": "the forward of sb_ref.stick_breaking_weights and sb_ref.stick_breaking_attention "
-                          "(without autograd: the gradients are the exercise)",
-    "09_capstone": "all of sb_ref (StickBreakingSelfAttention included)",
+    "03_attention_layer": "`sb_ref.stick_breaking_attention` (the layer around it is the exercise)",
+    "07_triton_backward": "the forward of `sb_ref.stick_breaking_weights` and `sb_ref.stick_breaking_attention` "
+                          "(the gradients are the exercise)",
+    "09_capstone": "the rest of `sb_ref`, `StickBreakingSelfAttention` included",
 }
 
 
@@ -118,11 +116,19 @@ class _Stub(ast.NodeTransformer):
         return node
 
 
+def library_file(path):
+    """Where the library file ``path`` ("sb_ref/..." or "kernels/...", as in the repository) is installed."""
+    import importlib.util
+
+    package = "sb_ref.kernels" if path.startswith("kernels/") else "sb_ref"
+    return Path(importlib.util.find_spec(package).origin).parent / path.split("/", 1)[1]
+
+
 def stub_source(path, lesson, shown=_ALL):
     """The text of the library file at ``path`` (relative to the repository) as the sandbox shows it (a
     :class:`Shown`): hidden bodies replaced by a :class:`LibraryCallRefused`, given forwards without autograd."""
     module = path[:-len(".py")].replace("/", ".").replace("kernels.", "sb_ref.kernels.", 1)
-    tree = _Stub(lesson, module, shown).visit(ast.parse((REPO_ROOT / path).read_text()))
+    tree = _Stub(lesson, module, shown).visit(ast.parse(library_file(path).read_text()))
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 
 
@@ -130,3 +136,30 @@ def hidden_files(lesson):
     """{file in the repository: the stub the sandbox shows in its place} for ``lesson`` (a lesson folder's name;
     a notebook of no lesson hides nothing)."""
     return {path: stub_source(path, lesson, shown) for path, shown in HIDDEN.get(lesson, {}).items()}
+
+
+def what_you_may_use(lesson):
+    """The markdown cell each lesson shows after its introduction: which library calls its exercises may make."""
+    hidden = HIDDEN.get(lesson, {})
+    if lesson == "00_setup":
+        refused = ["`sb_ref.naive.sigmoid`"]
+    elif lesson == "07_triton_backward":
+        refused = ["the gradients of `sb_ref.stick_breaking_weights` and `sb_ref.stick_breaking_attention` (both run "
+                   "without autograd here)", "the library's backward kernels", "`StickBreakingSelfAttention`"]
+    elif "sb_ref/attention.py" in hidden:
+        refused = ["`sb_ref.naive`", "`sb_ref.stick_breaking_weights`", "`sb_ref.stick_breaking_attention`",
+                   "`sb_ref.stick_breaking_decode`", "the library's Triton kernels", "`StickBreakingSelfAttention`"]
+    elif "sb_ref/layer.py" in hidden:
+        refused = ["`StickBreakingSelfAttention`"]
+    else:
+        refused = []
+    refused.append("the float64 oracle `sb_ref.testing.oracle_attention`")
+    if "sb_ref/testing/lessons/references.py" in hidden:
+        refused.append("the checks' reference implementations")
+    listed = refused[0] if len(refused) == 1 else ", ".join(refused[:-1]) + " and " + refused[-1]
+    verb = "is a stub" if len(refused) == 1 else "are stubs"
+    allowed = f" You may also call {ALLOWED[lesson]}." if lesson in ALLOWED else ""
+    return (f"**What your code may use.** While graded, this notebook runs in a sandbox where {listed} {verb}: an "
+            "exercise answered by calling them earns no points, and its message says so. Use numpy, PyTorch and "
+            "Triton, your own functions from this and earlier lessons, and of `sb_ref.testing`: `make_inputs`, "
+            f"`REGIMES`, `rel_err` and the checks.{allowed}")

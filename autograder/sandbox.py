@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .rules import library_file
+
 SANDBOX_UID = 65534  # "nobody": learner code never runs as root
-# What the kernel needs of the repository: the library, its kernels, and the grader's kernel side (serve, wire).
-REPO_PARTS = ("sb_ref", "kernels", "autograder")
 PASSED_ENVIRONMENT = ("TRITON_INTERPRET", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LANG",
                       "LC_ALL", "TZ")
 _ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "passwd", "group", "hosts", "localtime",
@@ -52,6 +51,14 @@ class SandboxLimits:
 
 class SandboxUnavailable(RuntimeError):
     """bubblewrap is missing or cannot make namespaces here; the message says which and what to install."""
+
+
+def library_folders():
+    """The folders the kernel needs: ``sb_ref`` and ``sb_ref.kernels`` as installed, and the grader's own."""
+    import importlib.util
+
+    found = [Path(importlib.util.find_spec(name).origin).parent for name in ("sb_ref", "sb_ref.kernels")]
+    return sorted({str(p) for p in (*found, Path(__file__).resolve().parent)})
 
 
 def wrap(view, program):
@@ -214,7 +221,7 @@ class Sandbox:
             stub = self.stubs / f"{n}.py"
             stub.write_text(text)
             stub.chmod(0o644)
-            self.hidden[str(REPO_ROOT / relative)] = str(stub)
+            self.hidden[str(library_file(relative))] = str(stub)
         self.cgroup = None
         self._sockets = 0
 
@@ -255,7 +262,7 @@ class Sandbox:
     def command(self, program, socket_dir, env, gpu=False):
         """argv that runs ``program`` (a list) inside the sandbox, with the limits, environment ``env``."""
         limits = [sys.executable, "-m", "autograder.limits", "--memory-mb",
-                  str(0 if gpu else self.limits.memory_mb),
+                  str(0 if gpu or (self.cgroup and self.limits.memory_mb) else self.limits.memory_mb),
                   "--file-mb", str(self.limits.file_mb)]
         if self.cgroup is not None:
             for procs in self.cgroup.procs_files:
@@ -290,9 +297,10 @@ class Sandbox:
         return args
 
     def _repository(self):
+        """The library and its kernels where Python finds them, and the grader's own folder (its kernel side)."""
         args = []
-        for part in REPO_PARTS:
-            args += ["--ro-bind", str(REPO_ROOT / part), str(REPO_ROOT / part)]
+        for folder in library_folders():
+            args += ["--ro-bind", folder, folder]
         for original, stub in self.hidden.items():
             args += ["--ro-bind", stub, original]
         return args
@@ -312,7 +320,7 @@ class Sandbox:
         values.update(env)
         values.update(HOME="/tmp", TMPDIR="/tmp", USER="learner", LOGNAME="learner",
                       PATH=os.pathsep.join([os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]),
-                      PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1", MPLCONFIGDIR="/tmp/matplotlib",
+                      PYTHONPATH=str(Path(__file__).resolve().parent.parent), PYTHONDONTWRITEBYTECODE="1", MPLCONFIGDIR="/tmp/matplotlib",
                       TRITON_CACHE_DIR="/tmp/triton", TRITON_HOME="/tmp", XDG_CACHE_HOME="/tmp/cache",
                       IPYTHONDIR="/tmp/ipython", JUPYTER_CONFIG_DIR="/tmp/jupyter", JUPYTER_DATA_DIR="/tmp/jupyter",
                       JUPYTER_RUNTIME_DIR="/tmp/jupyter", TORCHINDUCTOR_CACHE_DIR="/tmp/inductor",

@@ -4,6 +4,7 @@ reports what it managed through the score (``double`` is right only while the tr
 The lesson is the synthetic one of test_autograder_isolation.py; every test here needs bubblewrap (CI installs
 it), except the last, which checks what the grader says without it.
 """
+import ast
 import os
 import subprocess
 import sys
@@ -143,8 +144,11 @@ def test_every_lesson_hides_the_library_it_asks_for():
         for path, text in rules.hidden_files(lesson_name).items():
             compile(text, path, "exec")
             assert "LibraryCallRefused" in text or shown[path].forward_only, (lesson_name, path)
-    naive = rules.hidden_files("01_stick_breaking_numpy")["sb_ref/naive.py"]
-    assert "for " not in naive.split('"""', 2)[-1].split("def ", 1)[-1], "a hidden loop is still in the stub"
+    naive = ast.parse(rules.hidden_files("01_stick_breaking_numpy")["sb_ref/naive.py"])
+    functions = [node for node in ast.walk(naive) if isinstance(node, ast.FunctionDef)]
+    assert {f.name for f in functions} >= {"sigmoid", "stick_breaking_weights", "stick_breaking_attention"}
+    for function in functions:  # a docstring and the refusal, nothing of the implementation
+        assert isinstance(function.body[-1], ast.Raise) and len(function.body) <= 2, function.name
 
 
 @needs_bwrap
@@ -187,3 +191,11 @@ def test_without_bubblewrap_the_grader_says_so_and_the_instructor_mode_refuses(t
     assert learner.returncode == 0, learner.stderr
     notes = [line for line in learner.stderr.splitlines() if "no sandbox" in line]
     assert len(notes) == 1 and "bubblewrap is not installed" in notes[0]
+
+
+@pytest.mark.parametrize("folder", ["solutions", "lessons"])
+def test_every_lesson_tells_the_learner_what_its_code_may_use(folder):
+    for path in sorted((ROOT / folder).glob("[0-9][0-9]_*/*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        shown = [c.source for c in nb.cells if c.cell_type == "markdown" and "What your code may use" in c.source]
+        assert shown == [rules.what_you_may_use(path.parent.name)], f"{path}: the rule cell is missing or stale"
