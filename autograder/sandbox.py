@@ -61,6 +61,15 @@ def library_folders():
     return sorted({str(p) for p in (*found, Path(__file__).resolve().parent)})
 
 
+def _python_path():
+    """The kernel's PYTHONPATH: the grader's parent folder, and sb_ref's where it is not installed in a prefix."""
+    import importlib.util
+
+    sb_ref_parent = str(Path(importlib.util.find_spec("sb_ref").origin).parent.parent)
+    grader_parent = str(Path(__file__).resolve().parent.parent)
+    return list(dict.fromkeys([sb_ref_parent, grader_parent]))
+
+
 def wrap(view, program):
     """argv that runs ``program`` in bubblewrap, with ``view`` (bubblewrap's mount and environment arguments).
 
@@ -294,6 +303,10 @@ class Sandbox:
         real = os.path.realpath(sys.executable)
         if not any(real.startswith(p + os.sep) for p in prefixes):
             args += ["--ro-bind", real, real]
+        for entry in sys.path:  # packages outside the prefixes (a user's site-packages), never a source tree
+            if entry.endswith(("site-packages", "dist-packages")) and os.path.isdir(entry) and \
+                    not any(entry.startswith(p + os.sep) for p in prefixes):
+                args += ["--ro-bind", entry, entry]
         return args
 
     def _repository(self):
@@ -320,7 +333,8 @@ class Sandbox:
         values.update(env)
         values.update(HOME="/tmp", TMPDIR="/tmp", USER="learner", LOGNAME="learner",
                       PATH=os.pathsep.join([os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]),
-                      PYTHONPATH=str(Path(__file__).resolve().parent.parent), PYTHONDONTWRITEBYTECODE="1", MPLCONFIGDIR="/tmp/matplotlib",
+                      PYTHONPATH=os.pathsep.join(_python_path()), PYTHONDONTWRITEBYTECODE="1",
+                      MPLCONFIGDIR="/tmp/matplotlib",
                       TRITON_CACHE_DIR="/tmp/triton", TRITON_HOME="/tmp", XDG_CACHE_HOME="/tmp/cache",
                       IPYTHONDIR="/tmp/ipython", JUPYTER_CONFIG_DIR="/tmp/jupyter", JUPYTER_DATA_DIR="/tmp/jupyter",
                       JUPYTER_RUNTIME_DIR="/tmp/jupyter", TORCHINDUCTOR_CACHE_DIR="/tmp/inductor",

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU tests and benchmark in one go, on a CUDA machine without network access.
 #
-#   benchmarks/run_gpu.sh [tests|lessons|bench|all] [extra bench_attention.py arguments]
+#   benchmarks/run_gpu.sh [tests|lessons|grade|bench|all] [extra bench_attention.py arguments]
 #
 # tests: the kernels' GPU and CPU-suite tests (TEST_FILES picks others, e.g. "tests/test_decode.py"); lessons:
 # every solution notebook's GPU path (tests/test_lessons_gpu.py, each notebook's output kept in $OUT/lessons/);
-# bench: the benchmark (BENCH picks another script, e.g. benchmarks/bench_decode.py); all: the three.
+# grade: the course's grader on the GPU lessons' solutions, hidden tests included, in its sandbox (GRADE_PATHS picks
+# others); bench: the benchmark (BENCH picks another script, e.g. benchmarks/bench_decode.py); all: but grade.
 #
 # sb_ref is put on the path the way the install maps it (sb_ref/ plus kernels/ as sb_ref/kernels) in a scratch
 # folder, so neither pip nor the network is needed; pytest comes from .whl/ when the machine lacks it.
@@ -42,6 +43,13 @@ fi
 if [[ $MODE == lessons || $MODE == all ]]; then
     SB_LESSON_LOGS="$OUT/lessons" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "$REPO/tests/test_lessons_gpu.py" -v -rfE \
         -p no:cacheprovider --durations=10 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/lessons.log"
+    rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [[ $MODE == grade ]]; then
+    { command -v bwrap setpriv; bwrap --version; } 2>&1 | tee "$OUT/grade.log"
+    read -r -a paths <<< "${GRADE_PATHS:-solutions/06_triton_forward solutions/07_triton_backward solutions/08_performance}"
+    PYTHONPATH="$SITE:$REPO:$SITE/wheels" timeout ${TEST_TIMEOUT:-560} $PY -m autograder --with-hidden \
+        "${paths[@]/#/$REPO/}" --json "$OUT/grades.json" 2>&1 | tee -a "$OUT/grade.log"
     rc=$((rc | ${PIPESTATUS[0]}))
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
