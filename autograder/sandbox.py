@@ -61,13 +61,22 @@ def library_folders():
     return sorted({str(p) for p in (*found, Path(__file__).resolve().parent)})
 
 
+def _outside_site_packages():
+    """Package folders on the grader's path outside Python's prefixes (a user's site-packages): never a source tree."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    return [entry for entry in dict.fromkeys(sys.path)
+            if entry.endswith(("site-packages", "dist-packages")) and os.path.isdir(entry)
+            and not any(entry.startswith(p + os.sep) for p in prefixes)]
+
+
 def _python_path():
-    """The kernel's PYTHONPATH: the grader's parent folder, and sb_ref's where it is not installed in a prefix."""
+    """The kernel's PYTHONPATH: the grader's parent folder, sb_ref's where it is not installed in a prefix, and the
+    package folders outside the prefixes."""
     import importlib.util
 
     sb_ref_parent = str(Path(importlib.util.find_spec("sb_ref").origin).parent.parent)
     grader_parent = str(Path(__file__).resolve().parent.parent)
-    return list(dict.fromkeys([sb_ref_parent, grader_parent]))
+    return list(dict.fromkeys([sb_ref_parent, grader_parent, *_outside_site_packages()]))
 
 
 def wrap(view, program):
@@ -293,6 +302,9 @@ class Sandbox:
                 args += ["--ro-bind", top, top]
         for name in _ETC:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        for tool in filter(None, map(shutil.which, ("bwrap", "setpriv"))):  # the inner bubblewrap runs inside
+            if not tool.startswith("/usr/"):
+                args += ["--ro-bind", tool, tool]
         return args
 
     def _python(self):
@@ -303,10 +315,8 @@ class Sandbox:
         real = os.path.realpath(sys.executable)
         if not any(real.startswith(p + os.sep) for p in prefixes):
             args += ["--ro-bind", real, real]
-        for entry in sys.path:  # packages outside the prefixes (a user's site-packages), never a source tree
-            if entry.endswith(("site-packages", "dist-packages")) and os.path.isdir(entry) and \
-                    not any(entry.startswith(p + os.sep) for p in prefixes):
-                args += ["--ro-bind", entry, entry]
+        for entry in _outside_site_packages():
+            args += ["--ro-bind", entry, entry]
         return args
 
     def _repository(self):

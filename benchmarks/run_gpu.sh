@@ -48,7 +48,7 @@ fi
 if [[ $MODE == grade ]]; then
     { command -v bwrap setpriv; bwrap --version; } 2>&1 | tee "$OUT/grade.log"
     read -r -a paths <<< "${GRADE_PATHS:-solutions/06_triton_forward solutions/07_triton_backward solutions/08_performance}"
-    PYTHONPATH="$SITE:$REPO:$SITE/wheels" timeout ${TEST_TIMEOUT:-560} $PY -m autograder --with-hidden \
+    PYTHONPATH="$SITE:$REPO:$PYTHONPATH" timeout ${TEST_TIMEOUT:-560} $PY -m autograder --with-hidden \
         "${paths[@]/#/$REPO/}" --json "$OUT/grades.json" 2>&1 | tee -a "$OUT/grade.log"
     rc=$((rc | ${PIPESTATUS[0]}))
 fi
