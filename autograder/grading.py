@@ -24,7 +24,7 @@ import nbformat
 
 from . import rules
 from .kernel import LearnerKernel
-from .remote import LearnerCrash, LearnerTimeout, RemoteNamespace, RemoteSession
+from .remote import LearnerCrash, LearnerTimeout, RemoteFunction, RemoteNamespace, RemoteSession
 from .sandbox import Sandbox, SandboxLimits
 
 HIDDEN = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
@@ -93,8 +93,12 @@ def cells_to_run(submission_nb, source_nb, with_hidden):
     """The code cells to execute, in the submission's order, with trusted cells put back.
 
     Only the trusted copy decides what is a test: a submission's own cells run as plain code, whatever their
-    metadata claims (a cell dressed up as a graded test earns nothing)."""
+    metadata claims (a cell dressed up as a graded test earns nothing). Each cell is tagged ``cell.origin``:
+    "trusted" (a locked cell, from solutions/), "given" (the lesson's own code, unchanged), "exercise" (the
+    learner's answer in a solution cell of the lesson) or "free" (anything else the learner wrote)."""
     trusted = trusted_cells(source_nb, with_hidden)
+    exercises = {_nbgrader(c).get("grade_id") for c in source_nb.cells if _nbgrader(c).get("solution")}
+    given = {c.source for c in source_nb.cells if c.cell_type == "code" and not _nbgrader(c).get("solution")}
     seen, cells = set(), []
     for cell in submission_nb.cells:
         grade_id = _nbgrader(cell).get("grade_id")
@@ -103,11 +107,18 @@ def cells_to_run(submission_nb, source_nb, with_hidden):
                 continue  # a duplicated locked cell is run once
             seen.add(grade_id)
             cell = trusted[grade_id]
+            cell.origin = "trusted"
         elif cell.cell_type == "code":
+            origin = ("exercise" if grade_id in exercises and _nbgrader(cell).get("solution") else
+                      "given" if cell.source in given else "free")
             cell = nbformat.v4.new_code_cell(cell.source)
+            cell.origin = origin
         if cell.cell_type == "code":
             cells.append(cell)
-    cells += [c for gid, c in trusted.items() if gid not in seen and is_test_cell(c)]
+    for gid, cell in trusted.items():
+        if gid not in seen and is_test_cell(cell):
+            cell.origin = "trusted"
+            cells.append(cell)
     return cells
 
 
@@ -190,6 +201,9 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
                                                      env=env))
         session = RemoteSession(kernel, call_timeout)
         cleanup.callback(session.close)
+        definitions = []  # (source, learner's?) of the trusted, given and exercise cells run so far
+        session.memory_probe = MemoryProbe(sandbox, definitions, env, gpu, call_timeout)
+        cleanup.callback(session.memory_probe.close)
         session.bootstrap()
         replay, results = [], {}
         for cell in cells:
@@ -209,9 +223,68 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
                 _replay(kernel, replay, cell_timeout)
             else:
                 replay.append(cell.source)
+                if cell.origin != "free":
+                    definitions.append((cell.source, cell.origin == "exercise"))
         grade.exercises = [results.get(e.grade_id, e) for e in grade.exercises]
     grade.seconds = time.monotonic() - start
     return grade
+
+
+class MemoryProbe:
+    """The grader's memory probe (:meth:`autograder.remote.RemoteFunction.measure_memory`), read from outside.
+
+    A second kernel, in a cgroup of its own, runs the lesson's own cells and the learner's exercise cells (nothing
+    else of the notebook), then the calls to measure. Whatever the learner's code leaves held there (its cells and
+    every call, counted as anonymous memory, which no ballast freed later can hide) is ``held``. Before a measured
+    call the cgroup's peak is reset: its rise above the memory charged at that moment is what the call took. The
+    kernel stays for the notebook's later checks (started again after a timeout or a crash). What a call took is
+    the larger of that peak and the pages it faulted in, so memory freed and taken again during the call (ballast
+    given up to make room) counts too."""
+
+    def __init__(self, sandbox, definitions, env, gpu, timeout):
+        self.sandbox, self.definitions, self.env, self.gpu, self.timeout = sandbox, definitions, env, gpu, timeout
+        self.kernel = self.session = None
+        self.ran = self.held = 0
+
+    def __call__(self, target, warmup_args, args):
+        try:
+            if self.kernel is None:
+                self.kernel = LearnerKernel(self.sandbox, gpu=self.gpu, env=self.env)
+                self.kernel.start()
+                self.session = RemoteSession(self.kernel, self.timeout)
+                self.session.bootstrap()
+                self.ran = self.held = 0
+            cgroup = self.kernel.cgroup
+            if cgroup is None:
+                return None
+            for source, learners in self.definitions[self.ran:]:
+                self._learner_code(cgroup, lambda: self.kernel.run(source, timeout=self.timeout), learners)
+            self.ran = len(self.definitions)
+            fn = RemoteFunction(self.session, target, target)
+            warm = self._learner_code(cgroup, lambda: fn(*warmup_args))
+            peak = cgroup.watch_peak()
+            start, faulted = cgroup.memory_bytes(), cgroup.faulted_bytes()
+            self._learner_code(cgroup, lambda: fn(*args))
+            took = max(peak() - start, cgroup.faulted_bytes() - faulted, 0)
+            return warm, took, self.held
+        except BaseException:  # a timeout or a crash took the kernel's state: the next measure starts afresh
+            self.close()
+            raise
+
+    def _learner_code(self, cgroup, run, counted=True):
+        before = cgroup.anonymous_bytes()
+        try:
+            return run()
+        finally:
+            if counted:
+                self.held += max(0, cgroup.anonymous_bytes() - before)
+
+    def close(self):
+        if self.session is not None:
+            self.session.close()
+        if self.kernel is not None:
+            self.kernel.shutdown()
+        self.kernel = self.session = None
 
 
 def _replay(kernel, sources, timeout):

@@ -66,13 +66,13 @@ class LearnerKernel:
         self._spec_dir = tempfile.TemporaryDirectory(prefix="autograder-kernel-")
         self.km = self.kc = None
         self.killed_for_memory = False
-        self._sockets = None
+        self._sockets = self.cgroup = None
 
     def _write_spec(self, socket_dir):
         spec = Path(self._spec_dir.name) / "kernels" / "learner"
         spec.mkdir(parents=True, exist_ok=True)
         argv = self.sandbox.command([sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                                    socket_dir, self.env, gpu=self.gpu)
+                                    socket_dir, self.env, gpu=self.gpu, cgroup=self.cgroup)
         (spec / "kernel.json").write_text(json.dumps(
             {"argv": argv, "display_name": "learner (sandboxed)", "language": "python"}))
 
@@ -85,7 +85,7 @@ class LearnerKernel:
 
     def start(self):
         socket_dir = self._sockets = self.sandbox.new_socket_dir()
-        self.sandbox.start_cgroup()
+        self.cgroup = self.sandbox.make_cgroup()
         self._write_spec(socket_dir)
         ksm = KernelSpecManager(kernel_dirs=[str(Path(self._spec_dir.name) / "kernels")])
         self.km = KernelManager(kernel_name="learner", kernel_spec_manager=ksm, transport="ipc",
@@ -103,7 +103,7 @@ class LearnerKernel:
         self.kc.wait_for_ready(timeout=120)
         self.sandbox.take_back(socket_dir)  # the sockets exist now: nothing in the sandbox may swap them
         self.killed_for_memory = False
-        if self.rss_limit_mb and self.sandbox.cgroup is None:
+        if self.rss_limit_mb and self.cgroup is None:
             threading.Thread(target=self._watch_memory, args=(self.km,), daemon=True).start()
 
     def shutdown(self):
@@ -111,10 +111,11 @@ class LearnerKernel:
             self.kc.stop_channels()
         if self.km is not None and self.km.has_kernel:
             self.km.shutdown_kernel(now=True)
-        self.sandbox.stop_cgroup()  # whatever the notebook left running goes too
+        if self.cgroup is not None:
+            self.cgroup.remove()  # whatever the notebook left running goes too
         if self._sockets is not None:
             shutil.rmtree(self._sockets, ignore_errors=True)
-        self.km = self.kc = self._sockets = None
+        self.km = self.kc = self._sockets = self.cgroup = None
 
     def restart(self):
         self.shutdown()

@@ -50,6 +50,11 @@ class RemoteFunction:
         its first argument: measurements of the learner's code are taken where that code runs."""
         return RemoteFunction(self.session, helper, helper)(self, *args)
 
+    def measure_memory(self, warmup_args, args):
+        """``(fn(*warmup_args), peak bytes of fn(*args), bytes held before)``, measured by the grader from outside a
+        fresh sandboxed process that ran only the notebook's exercise cells (None where no cgroup can measure)."""
+        return self.session.measure_memory(self.target, warmup_args, args)
+
     def __repr__(self):
         return f"<learner function {self.name}>"
 
@@ -201,13 +206,20 @@ class RemoteSession:
 
     def __init__(self, kernel, call_timeout):
         self.kernel, self.call_timeout = kernel, call_timeout
-        self._dir = kernel.sandbox.calls
+        self._dir = kernel.sandbox.new_call_folder()
         self.pipe = AnswerPipe(self._dir)
         self._n = itertools.count()
         self._ids = itertools.count()
+        self.memory_probe = None  # (target, warmup args, args) -> measure_memory's triple, or None
 
     def close(self):
         self.pipe.close()
+
+    def measure_memory(self, target, warmup_args, args):
+        """See :meth:`RemoteFunction.measure_memory`; the grader sets :attr:`memory_probe` to do it."""
+        if self.memory_probe is None or not isinstance(target, str):
+            return None
+        return self.memory_probe(target, warmup_args, args)
 
     def new_id(self):
         return next(self._ids)

@@ -172,14 +172,34 @@ class Cgroup:
         return self.dirs[0] / (v1 if self.version == 1 else v2)
 
     def memory_bytes(self):
+        """Memory charged to it now (page cache included)."""
         return int(self._memory_file("memory.usage_in_bytes", "memory.current").read_text())
 
-    def reset_peak(self):
-        """Start a new peak from now (v1's max_usage; v2's memory.peak where the kernel lets it be reset)."""
-        self._memory_file("memory.max_usage_in_bytes", "memory.peak").write_text("0")
+    def anonymous_bytes(self):
+        """Memory its processes hold themselves (no page cache): what a notebook's own data takes."""
+        stat = dict(line.split() for line in self._memory_file("memory.stat", "memory.stat").read_text().splitlines())
+        return int(stat["total_rss"] if "total_rss" in stat else stat.get("rss", stat.get("anon", 0)))
 
-    def peak_bytes(self):
-        return int(self._memory_file("memory.max_usage_in_bytes", "memory.peak").read_text())
+    def faulted_bytes(self):
+        """Bytes of pages its processes have faulted in so far (a count that only grows: memory freed and taken
+        again counts again)."""
+        stat = dict(line.split() for line in self._memory_file("memory.stat", "memory.stat").read_text().splitlines())
+        return int(stat.get("total_pgfault", stat.get("pgfault", 0))) * os.sysconf("SC_PAGE_SIZE")
+
+    def watch_peak(self):
+        """Start measuring the peak from now; returns a function that reads it (bytes charged at most since)."""
+        if self.version == 1:
+            self._memory_file("memory.max_usage_in_bytes", "").write_text("0")
+            return lambda: int(self._memory_file("memory.max_usage_in_bytes", "").read_text())
+        fd = os.open(self._memory_file("", "memory.peak"), os.O_RDWR)  # v2: a reset holds for this descriptor
+        os.write(fd, b"reset\n")
+
+        def read():
+            os.lseek(fd, 0, os.SEEK_SET)
+            value = int(os.read(fd, 64))
+            os.close(fd)
+            return value
+        return read
 
     def pids(self):
         return [int(p) for p in Path(self.procs_files[0]).read_text().split()]
@@ -240,8 +260,7 @@ class Sandbox:
             stub.write_text(text)
             stub.chmod(0o644)
             self.hidden[str(library_file(relative))] = str(stub)
-        self.cgroup = None
-        self._sockets = 0
+        self._sockets = self._cgroups = self._calls = 0
 
     @property
     def uid(self):
@@ -266,24 +285,26 @@ class Sandbox:
             os.chown(path, os.geteuid(), os.getegid())
             os.chmod(path, 0o755)
 
-    def start_cgroup(self):
-        """A fresh cgroup for the next process tree (None where none can be made)."""
-        self.stop_cgroup()
-        self.cgroup = Cgroup.make(self.limits, f"autograder-{os.getpid()}-{self.root.name[-8:]}-{time.monotonic_ns()}")
-        return self.cgroup
+    def make_cgroup(self):
+        """A fresh cgroup under this sandbox's limits, for one process tree (None where none can be made)."""
+        self._cgroups += 1
+        return Cgroup.make(self.limits, f"autograder-{os.getpid()}-{self.root.name[-8:]}-{self._cgroups}")
 
-    def stop_cgroup(self):
-        if self.cgroup is not None:
-            self.cgroup.remove()
-            self.cgroup = None
+    def new_call_folder(self):
+        """A fresh folder of the grader's for one session's requests and answer pipe (the sandbox reads it)."""
+        self._calls += 1
+        path = self.calls / f"session-{self._calls}"
+        path.mkdir(mode=0o755)
+        return path
 
-    def command(self, program, socket_dir, env, gpu=False):
-        """argv that runs ``program`` (a list) inside the sandbox, with the limits, environment ``env``."""
+    def command(self, program, socket_dir, env, gpu=False, cgroup=None):
+        """argv that runs ``program`` (a list) inside the sandbox, with the limits (held by ``cgroup`` where there
+        is one), environment ``env``."""
         limits = [sys.executable, "-m", "autograder.limits", "--memory-mb",
-                  str(0 if gpu or (self.cgroup and self.limits.memory_mb) else self.limits.memory_mb),
+                  str(0 if gpu or (cgroup and self.limits.memory_mb) else self.limits.memory_mb),
                   "--file-mb", str(self.limits.file_mb)]
-        if self.cgroup is not None:
-            for procs in self.cgroup.procs_files:
+        if cgroup is not None:
+            for procs in cgroup.procs_files:
                 limits += ["--cgroup-procs", procs]
         elif self.uid != os.geteuid():
             limits += ["--processes", str(self.limits.processes)]
@@ -355,5 +376,4 @@ class Sandbox:
         return args
 
     def close(self):
-        self.stop_cgroup()
         shutil.rmtree(self.root, ignore_errors=True)

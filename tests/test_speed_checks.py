@@ -106,6 +106,24 @@ check_speed(fast_attention, reference_attention, make_args, points=2, full_sweep
 @pytest.mark.parametrize("body, points, status", [
     ("    return sb_ref.stick_breaking_attention(q, k, v, backend='triton')", 2, "passed"),
     ("    return sb_ref.testing.oracle_attention(q, k, v)[0].float()", 0, "failed"),
+    # the in-process probes replaced at call time: the grader's measure is not taken in the learner's process
+    ("    import sb_ref.testing.speed as speed\n"
+     "    speed._probed_record = lambda fn, args: (fn(*args), (1, (1,), 'forged'))\n"
+     "    speed.peak_memory = lambda *args: None\n"
+     "    return sb_ref.testing.oracle_attention(q, k, v)[0].float()", 0, "failed"),
+    # ballast held from a first call, given up in the measured one to make room and taken back before it returns
+    ("    global BALLAST\n"
+     "    if 'BALLAST' in globals():\n"
+     "        del BALLAST\n"
+     "        o = sb_ref.testing.oracle_attention(q, k, v)[0].float()\n"
+     "        BALLAST = torch.ones(32 << 20, dtype=torch.uint8)\n"
+     "        return o\n"
+     "    BALLAST = torch.ones(32 << 20, dtype=torch.uint8)\n"
+     "    return sb_ref.testing.oracle_attention(q, k, v)[0].float()", 0, "failed"),
+    # more ballast than may be held at all
+    ("    global BALLAST\n"
+     "    BALLAST = torch.ones(320 << 20, dtype=torch.uint8)\n"
+     "    return sb_ref.stick_breaking_attention(q, k, v, backend='triton')", 0, "held"),
 ])
 def test_the_grader_runs_the_probes_in_the_notebooks_kernel(tmp_path, monkeypatch, body, points, status):
     """The learner's function is measured where it runs: a quadratic one is caught through the proxy."""
@@ -128,8 +146,11 @@ def test_the_grader_runs_the_probes_in_the_notebooks_kernel(tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # make_args for the cell
     result = grade_notebook(path, path, call_timeout=300)
     (exercise,) = result.exercises
-    assert (exercise.points, exercise.status) == (points, status), exercise.message
+    assert exercise.points == points and exercise.status == ("failed" if status == "held" else status), \
+        exercise.message
     if status == "passed":
-        assert "no GPU" in exercise.message
+        assert "no GPU" in exercise.message and "measured from outside" in exercise.message
+    elif status == "held":
+        assert exercise.status == "failed" and "held" in exercise.message
     else:
-        assert "T*T" in exercise.message
+        assert "T*T" in exercise.message and "measured from outside" in exercise.message

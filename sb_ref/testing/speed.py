@@ -2,7 +2,9 @@
 warm-up), scored in tiers by the throughput ratio, and only after the numerics pass. Without a GPU there is no
 wall-clock score at all; deterministic proxies stand in, and the verdict says so:
 
-- no tensor of ``T * T`` elements is allocated (:func:`largest_allocation`, through :func:`probed_call`);
+- no tensor of ``T * T`` elements is allocated: under the course's grader, the op's peak memory read from outside
+  its process (:func:`peak_memory`); elsewhere, the largest allocation (:func:`largest_allocation`, through
+  :func:`probed_call`);
 - the key tiles a causal kernel visits: a Triton kernel run through the interpreter is watched, and the key
   elements it loads are counted (:func:`key_elements_loaded`); a kernel that skips the tiles above the diagonal loads
   about half of what a full sweep does.
@@ -16,11 +18,17 @@ from contextlib import contextmanager
 
 import torch
 
-from .core import LargestAllocation, rel_err
+from .core import LargestAllocation, make_inputs, rel_err
 from .remote import run_where_it_lives
 
 _Event, _record, _elapsed, _synchronize = (torch.cuda.Event, torch.cuda.Event.record,
                                            torch.cuda.Event.elapsed_time, torch.cuda.synchronize)
+
+#: The length at which the grader measures a CPU op's peak memory from outside (a T*T float32 matrix: 2.25 MiB).
+PROXY_T = 768
+
+#: What the learner's exercise cells and earlier calls may leave held in the grader's measuring process.
+HELD_LIMIT = 256 << 20
 
 #: (smallest throughput ratio to sb_ref's kernel, share of the exercise's points), best first
 SPEED_TIERS = ((0.9, 1.0), (0.6, 0.75), (0.3, 0.5), (0.0, 0.25))
@@ -95,6 +103,15 @@ def _probed_record(fn, args):
     with LargestAllocation() as probe:
         result = fn(*args)
     return result, (probe.numel, probe.shape, probe.op)
+
+
+def peak_memory(fn, warmup_args, args):
+    """``(fn(*warmup_args), peak, held)`` as the course's grader measures it from outside the learner's process:
+    ``peak`` the bytes that ``fn(*args)`` took at its peak, ``held`` the bytes the notebook's exercise cells and the
+    warm-up call left held before it (see :func:`autograder.grading`'s memory probe). None when ``fn`` is not a
+    grader's proxy, or the grader has no cgroup to measure with: then :func:`probed_call` is the probe."""
+    measure = getattr(fn, "measure_memory", None)
+    return None if measure is None else measure(warmup_args, args)
 
 
 def largest_allocation(fn, args):
@@ -176,11 +193,28 @@ def check_speed(fn, reference, make_args, *, points, check="check_speed", tol=2.
         print(f"{check}: {note}")
         return Score(points * share, note)
     T = small[0].shape[-2]
-    allocated = largest_allocation(fn, small)
-    if allocated >= T * T:
-        raise AssertionError(f"{check}: your op allocates a tensor of {allocated} elements, at least T*T = {T * T}"
-                             f" for T = {T}: keep memory O(T) (tiles, never the whole weight matrix).")
-    note = f"no GPU: speed replaced by proxies: largest allocation {allocated} elements (< T*T = {T * T})"
+    q = small[0]
+    large = make_inputs("random", B=1, Hq=1, T=PROXY_T, D=q.shape[-1], dtype=q.dtype, seed=0) + tuple(small[3:])
+    outside = peak_memory(fn, small, large)
+    if outside is not None:  # the grader's measure, from outside the learner's process
+        _, peak, held = outside
+        matrix = PROXY_T * PROXY_T * q.element_size()
+        if held > HELD_LIMIT:
+            raise AssertionError(f"{check}: your notebook's exercise cells and calls left {held / 2**20:.0f} MiB held "
+                                 f"before the memory was measured; at most {HELD_LIMIT >> 20} MiB may be: keep no "
+                                 "large tensors at module level or between calls.")
+        if peak > matrix / 2:
+            raise AssertionError(f"{check}: your op took {peak / 2**20:.1f} MiB at its peak for T = {PROXY_T} "
+                                 f"(measured from outside its process); one T*T matrix is {matrix / 2**20:.0f} MiB: "
+                                 "keep memory O(T) (tiles, never the whole weight matrix).")
+        note = (f"no GPU: speed replaced by proxies: peak memory {peak / 2**20:.1f} MiB for T = {PROXY_T} "
+                f"(< half of one T*T matrix, measured from outside)")
+    else:
+        allocated = largest_allocation(fn, small)
+        if allocated >= T * T:
+            raise AssertionError(f"{check}: your op allocates a tensor of {allocated} elements, at least T*T = "
+                                 f"{T * T} for T = {T}: keep memory O(T) (tiles, never the whole weight matrix).")
+        note = f"no GPU: speed replaced by proxies: largest allocation {allocated} elements (< T*T = {T * T})"
     if full_sweep_loads:
         loads = key_elements_loaded(fn, small)
         if loads > 0.75 * full_sweep_loads:

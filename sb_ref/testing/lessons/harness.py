@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..core import make_inputs, oracle_attention, rel_err
-from ..speed import probed_call
+from ..speed import HELD_LIMIT, peak_memory, probed_call
 
 
 class Tolerance(NamedTuple):
@@ -225,24 +225,51 @@ def compare(check, got, ref, tol, case, hint, what="the output", *, elementwise=
     return err
 
 
-def probe_memory(check, fn, args, case, prerequisite, who, hint):
-    """Runs ``fn(*args)`` (args = q, k, v, ...: float32, one head) under the allocation probe, through :func:`call`:
-    its o must match the oracle (``prerequisite`` is the check that tests it) and no single allocation may reach
-    T * T / 8 elements. Returns the probe."""
+def probe_memory(check, fn, args, case, prerequisite, who, hint, large_args=None):
+    """Runs ``fn(*args)`` (args = q, k, v, ...: float32, one head): its o must match the oracle (``prerequisite`` is
+    the check that tests it), then its memory must stay O(T). Returns one line saying what was measured.
+
+    Under the course's grader, with CPU ``large_args``: measured from outside the learner's process
+    (:func:`~sb_ref.testing.speed.peak_memory`): ``fn(*large_args)`` may take at most half of one T * T float32
+    matrix at its peak, and the notebook may hold at most :data:`HELD_LIMIT` before it. Elsewhere (a notebook, a
+    GPU): no single allocation of ``fn(*args)`` may reach T * T / 8 elements (the dispatch-mode probe)."""
     with quiet():
         q, k, v = args[:3]
         T = q.shape[-2]
-        result, probe = call(check, probed_call, (fn, args), {}, case, label=name_of(fn))
+        outside = None
+        if large_args is not None and not q.is_cuda:
+            outside = call(check, peak_memory, (fn, args, large_args), {}, case, label=name_of(fn))
+        if outside is None:
+            result, probe = call(check, probed_call, (fn, args), {}, case, label=name_of(fn))
+        else:
+            result, peak, held = outside
         o, rem = unpack(result, 2, check, fn, case, ("o", "rem"))
         o_ref, _ = oracle_attention(q, k, v)
         compare(check, o, o_ref, TOLERANCE.output[torch.float32], case, what="o",
                 hint=f"the memory check needs a correct result first: pass {prerequisite}.")
-        limit = T * T // 8
-        if probe.numel > limit:
+        if outside is None:
+            limit = T * T // 8
+            if probe.numel > limit:
+                raise AssertionError(
+                    f"{check}: your {who} allocated a tensor of {probe.numel} elements (shape {probe.shape}, made by "
+                    f"{probe.op}) for {case}; T * T = {T * T}, and the limit is T * T / 8 = {limit}.\n  hint: {hint}")
+            return (f"largest allocation {probe.numel} elements (shape {probe.shape}) for T = {T}: "
+                    f"{probe.numel / (T * T):.1%} of T * T")
+        T_large = large_args[0].shape[-2]
+        matrix = T_large * T_large * 4
+        if held > HELD_LIMIT:
             raise AssertionError(
-                f"{check}: your {who} allocated a tensor of {probe.numel} elements (shape {probe.shape}, made by "
-                f"{probe.op}) for {case}; T * T = {T * T}, and the limit is T * T / 8 = {limit}.\n  hint: {hint}")
-        return probe
+                f"{check}: your notebook's exercise cells and a first call of your {who} left {held / 2**20:.0f} MiB "
+                f"held before the memory was measured; at most {HELD_LIMIT >> 20} MiB may be (measured from outside "
+                "the notebook's process, which runs only the lesson's cells and your exercise cells).\n"
+                "  hint: keep no large tensors at module level or between calls.")
+        if peak > matrix / 2:
+            raise AssertionError(
+                f"{check}: your {who} took {peak / 2**20:.1f} MiB at its peak for T = {T_large} (measured from outside "
+                f"its process); one T * T float32 matrix is {matrix / 2**20:.0f} MiB and the limit is half of it.\n"
+                f"  hint: {hint}")
+        return (f"peak memory {peak / 2**20:.1f} MiB for T = {T_large}, measured from outside the notebook's process: "
+                f"{peak / matrix:.1%} of one T * T float32 matrix")
 
 
 # --------------------------------------------------------------------------------------------------------------

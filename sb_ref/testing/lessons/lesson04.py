@@ -75,13 +75,14 @@ def check_blocked_attention(blocked_attention, *, seed=0, cases=_BLOCK_CASES, dt
 
 
 
-def check_blocked_memory(blocked_attention, *, T=384, block=32, D=16, seed=0):
-    """Lesson 04: ``blocked_attention`` never allocates anything near T * T (probed with :class:`LargestAllocation`)."""
+def check_blocked_memory(blocked_attention, *, T=384, block=32, D=16, seed=0, T_large=2048):
+    """Lesson 04: ``blocked_attention`` never allocates anything near T * T: probed with :class:`LargestAllocation`
+    in a notebook; under the course's grader, its peak memory at ``T_large`` read from outside its process."""
     check = "check_blocked_memory"
     q, k, v = make_inputs("random", B=1, Hq=1, T=T, D=D, dtype=torch.float32, seed=seed)
+    large = make_inputs("random", B=1, Hq=1, T=T_large, D=D, dtype=torch.float32, seed=seed) + (block,)
     case = fmt_case(q=tuple(q.shape), block=block, dtype=torch.float32)
-    probe = probe_memory(check, blocked_attention, (q, k, v, block), case, "check_blocked_attention",
-                         "function", "work one tile (block x block scores) at a time; keep per query row only the "
-                         "output, the carry and nothing of length T per query.")
-    print(f"{check}: passed; largest allocation {probe.numel} elements (shape {probe.shape}) for T = {T}, "
-          f"block = {block}: {probe.numel / (T * T):.1%} of T * T.")
+    measured = probe_memory(check, blocked_attention, (q, k, v, block), case, "check_blocked_attention",
+                            "function", "work one tile (block x block scores) at a time; keep per query row only the "
+                            "output, the carry and nothing of length T per query.", large_args=large)
+    print(f"{check}: passed; {measured} (block = {block}).")

@@ -164,18 +164,18 @@ def check_sb_forward(sb_forward, *, seed=0, cases=_FORWARD_CASES, regimes=REGIME
 # exercise 3: memory O(T)
 
 @quietly
-def check_sb_forward_memory(sb_forward, *, T=None, D=16, block=64, seed=0):
-    """Lesson 06: ``sb_forward`` allocates nothing near T * T (probed with
-    :class:`~sb_ref.testing.LargestAllocation`): at most T * T / 8 elements in one tensor. T defaults to 256 on the
-    CPU and 2048 on a GPU."""
+def check_sb_forward_memory(sb_forward, *, T=None, D=16, block=64, seed=0, T_large=1024):
+    """Lesson 06: ``sb_forward`` allocates nothing near T * T: probed with :class:`~sb_ref.testing.LargestAllocation`
+    (at most T * T / 8 elements in one tensor; T defaults to 256 on the CPU and 2048 on a GPU); under the course's
+    grader on a CPU, its peak memory at ``T_large`` read from outside its process."""
     check = "check_sb_forward_memory"
     device = default_device()
     T = T or (2048 if device == "cuda" else 256)
     q, k, v = make_inputs("random", B=1, Hq=1, T=T, D=D, dtype=torch.float32, device=device, seed=seed)
+    large = make_inputs("random", B=1, Hq=1, T=T_large, D=D, dtype=torch.float32, seed=seed) + (False, block, block)
     case = fmt_case(q=tuple(q.shape), dtype=torch.float32, block_m=block, block_n=block)
-    probe = probe_memory(check, sb_forward, (q, k, v, False, block, block), case, "check_sb_forward",
-                         "launcher", "the launcher allocates o and rem only; the logits, the weights and the carry "
-                         "live in the kernel's tiles, one [block_m, block_n] tile at a time, never in a PyTorch "
-                         "tensor.")
-    print(f"{check}: passed on {device}; largest allocation {probe.numel} elements (shape {probe.shape}) for "
-          f"T = {T}: {probe.numel / (T * T):.1%} of T * T.")
+    measured = probe_memory(check, sb_forward, (q, k, v, False, block, block), case, "check_sb_forward",
+                            "launcher", "the launcher allocates o and rem only; the logits, the weights and the carry "
+                            "live in the kernel's tiles, one [block_m, block_n] tile at a time, never in a PyTorch "
+                            "tensor.", large_args=large)
+    print(f"{check}: passed on {device}; {measured}.")
