@@ -79,19 +79,21 @@ def _python_path():
     return list(dict.fromkeys([sb_ref_parent, grader_parent, *_outside_site_packages()]))
 
 
-def wrap(view, program):
+def wrap(view, program, devices=()):
     """argv that runs ``program`` in bubblewrap, with ``view`` (bubblewrap's mount and environment arguments).
 
     As root: an outer bubblewrap (root, so that it may bind what only root can reach) makes every namespace but the
     user's; then the uid drops to :data:`SANDBOX_UID` for good (no capability, no new privileges); then an inner,
-    unprivileged bubblewrap makes the user namespace, around exactly the outer view. Otherwise one unprivileged
-    bubblewrap makes every namespace, the user's included."""
+    unprivileged bubblewrap makes the user namespace, around exactly the outer view (``devices``, such as the GPUs,
+    bound again into its fresh ``/dev``). Otherwise one unprivileged bubblewrap makes every namespace, the user's
+    included."""
     session = ["--die-with-parent", "--new-session"]
     if os.geteuid() != 0:
         return [shutil.which("bwrap"), "--unshare-all", "--hostname", "sandbox", *session, *view, "--", *program]
     drop = [shutil.which("setpriv"), f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
             "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
-    inner = [shutil.which("bwrap"), "--unshare-user", *session, "--bind", "/", "/", "--dev", "/dev", "--"]
+    inner = [shutil.which("bwrap"), "--unshare-user", *session, "--bind", "/", "/", "--dev", "/dev",
+             *[arg for device in devices for arg in ("--dev-bind", device, device)], "--"]
     return [shutil.which("bwrap"), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--hostname",
             "sandbox", "--unshare-cgroup-try", *session, *view, "--", *drop, *inner, *program]
 
@@ -312,7 +314,9 @@ class Sandbox:
             return [*limits, "--", *program]
         scratch = ["--perms", "1777", "--size", str(self.limits.scratch_mb << 20), "--tmpfs", "/tmp"]
         view = [*self._system(), *self._python(), *self._repository(), *self._learner(socket_dir, gpu)]
-        return [*limits, "--", *wrap([*scratch, *_open_parents(view), *view, *self._environment(env)], program)]
+        devices = sorted(glob.glob("/dev/nvidia*")) if gpu else []
+        return [*limits, "--", *wrap([*scratch, *_open_parents(view), *view, *self._environment(env)], program,
+                                     devices)]
 
     def _system(self):
         args = ["--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
