@@ -199,3 +199,29 @@ def test_every_lesson_tells_the_learner_what_its_code_may_use(folder):
         nb = nbformat.read(path, as_version=4)
         shown = [c.source for c in nb.cells if c.cell_type == "markdown" and "What your code may use" in c.source]
         assert shown == [rules.what_you_may_use(path.parent.name)], f"{path}: the rule cell is missing or stale"
+
+
+@needs_bwrap
+def test_the_capstones_reference_logits_are_computed_in_the_grader(tmp_path):
+    """A TinyLM whose forward is wrong (no MLP) and which, in its kernel, makes the checks' reference forward return
+    the model's own logits: the reference is computed in the grader, from the model's parameters, so it fails."""
+    lesson_name = "09_capstone"
+    source = ROOT / "solutions" / lesson_name / f"{lesson_name}.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    end = next(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == "test_tiny_lm")
+    nb.cells = nb.cells[:end + 1]  # no training
+    tiny_lm = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "tiny_lm")
+    tiny_lm.source = tiny_lm.source.split("    def forward")[0] + (
+        "    def forward(self, tokens):\n"
+        "        x = self.embed(tokens)\n"
+        "        for block in self.blocks:\n"
+        "            x = x + block.attn(block.norm1(x))\n"
+        "        return self.head(self.norm(x))\n\n\n"
+        "import sb_ref.testing.lessons.references as references\n"
+        "references.tiny_lm_forward = lambda model, tokens: model(tokens)\n")
+    path = tmp_path / "forger" / lesson_name / f"{lesson_name}.ipynb"
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    result = grade_notebook(path, source, with_hidden=False, lesson=lesson_name)
+    (tiny,) = [e for e in result.exercises if e.grade_id == "test_tiny_lm"]
+    assert tiny.points == 0 and "the output" in tiny.message, tiny.message

@@ -214,6 +214,30 @@ class SoftmaxRopeAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
 
+class ReferenceTinyLM(nn.Module):
+    """The capstone's given ``TinyLM`` constructor (same modules, same parameter names), with the lesson's forward:
+    the grader loads the learner's weights into it and computes the logits the learner's model must give."""
+
+    def __init__(self, attention, vocab_size, dim, num_heads, num_layers):
+        from ...layer import StickBreakingSelfAttention
+
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(num_layers):
+            block = nn.Module()
+            block.norm1, block.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            block.attn = (StickBreakingSelfAttention(dim, num_heads) if attention == "stick_breaking"
+                          else SoftmaxRopeAttention(dim, num_heads))
+            block.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+            self.blocks.append(block)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, tokens):
+        return tiny_lm_forward(self, tokens)
+
+
 def tiny_lm_forward(model, tokens):
     """The lesson's wiring, run on the model's own modules: embedding, pre-norm residual blocks, norm, head."""
     x = model.embed(tokens)
