@@ -3,8 +3,9 @@
 1. The trusted copy of the lesson is its source in ``solutions/``: its locked cells (tests included) replace
    whatever the submission has under the same ``grade_id``, so editing a test cell changes nothing; hidden
    test blocks are cut out unless the instructor asks for them; test cells the learner deleted come back.
-2. Every other code cell runs, in order, in a fresh :class:`~autograder.kernel.LearnerKernel` with time and
-   memory limits. A cell that times out or kills the kernel is recorded; the kernel is restarted and the cells
+2. Every other code cell up to the last test cell runs, in order, in a fresh
+   :class:`~autograder.kernel.LearnerKernel` with time and memory limits (what comes after the last test cannot
+   change a score, so it does not run). A cell that times out or kills the kernel is recorded; the kernel is restarted and the cells
    that ran before are replayed, so one bad cell costs only what depends on it.
 3. Each test cell runs in the grader's process, its names resolving to the real checks and, for the learner's
    functions, to proxies into the kernel (:mod:`autograder.remote`). A cell that raises nothing earns its
@@ -206,7 +207,8 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
         cleanup.callback(session.memory_probe.close)
         session.bootstrap()
         replay, results = [], {}
-        for cell in cells:
+        last_test = max((i for i, c in enumerate(cells) if is_test_cell(c)), default=-1)
+        for cell in cells[:last_test + 1]:  # what runs after the last test cannot change a score
             if is_test_cell(cell):
                 exercise = results[_nbgrader(cell)["grade_id"]] = _score_test(cell, session, names)
                 if exercise.status in ("timed out", "crashed"):  # the kernel is fresh: bring its state back

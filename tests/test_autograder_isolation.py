@@ -90,7 +90,7 @@ def test_editing_or_deleting_a_locked_test_cell_changes_nothing(grade):
 def test_monkeypatching_checks_or_builtins_in_the_notebook_changes_nothing(grade):
     sneaky = _cell("import builtins, torch\nbuiltins.AssertionError = Exception\n"
                    "torch.equal = lambda a, b: True", "sneaky", solution=True)
-    _, ex = grade(lesson("    return 3 * x", after=[sneaky]))
+    _, ex = grade(lesson("    return 3 * x", before=[sneaky]))
     assert ex["test_double"][:2] == (0, "failed")
 
 

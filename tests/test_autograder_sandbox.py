@@ -53,38 +53,42 @@ def attempt(code):
 
 
 @needs_bwrap
-def test_the_answers_in_solutions_cannot_be_read(grade):
-    path = ROOT / "solutions" / "01_stick_breaking_numpy" / "01_stick_breaking_numpy.ipynb"
-    assert grade(trick(attempt(f"open({str(path)!r}).read()")))[0] == 3
-
-
-@needs_bwrap
-@pytest.mark.parametrize("what", ["uid", "grader", "network", "home"])
-def test_the_kernel_is_unprivileged_alone_offline_and_homeless(grade, what, monkeypatch):
+def test_the_kernel_is_unprivileged_alone_offline_homeless_and_reads_no_answers(grade, monkeypatch):
+    """One submission tries each; ``double`` raises, naming them, if any worked."""
     monkeypatch.setenv("SB_INSTRUCTOR_SECRET", "hunter2")
-    code = {
-        "uid": "succeeded = os.getuid() == 0 or os.geteuid() == 0",
+    answers = ROOT / "solutions" / "01_stick_breaking_numpy" / "01_stick_breaking_numpy.ipynb"
+    attempts = {
+        "root": "assert os.getuid() == 0 or os.geteuid() == 0",
+        "answers": f"open({str(answers)!r}).read()",
         # no process of the grader's is visible, and nothing visible holds its environment or its command line
-        "grader": "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "grader": "seen = b''\n"
+                  "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
                   "    try:\n"
-                  "        seen = open(f'/proc/{pid}/environ', 'rb').read() + open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+                  "        seen += open(f'/proc/{pid}/environ', 'rb').read() + open(f'/proc/{pid}/cmdline', 'rb').read()\n"
                   "    except OSError:\n"
-                  "        continue\n"
-                  "    succeeded = succeeded or b'hunter2' in seen or b'pytest' in seen\n"
-                  "try:\n    os.kill(1, signal.SIGKILL)\n    succeeded = True\nexcept OSError:\n    pass",
-        "network": attempt("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)"),
-        "home": attempt(f"open({str(Path.home() / '.bashrc')!r}, 'a').write('# planted')"),
-    }[what]
-    points, ex = grade(trick(code))
+                  "        pass\n"
+                  "assert b'hunter2' in seen or b'pytest' in seen",
+        "signal": "os.kill(1, signal.SIGKILL)",
+        "network": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)",
+        "home": f"open({str(Path.home() / '.bashrc')!r}, 'a').write('# planted')",
+    }
+    setup = "worked = []\n" + "".join(
+        "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + f"    worked.append({name!r})\n"
+        "except Exception:\n    pass\n" for name, code in attempts.items())
+    cell = _cell("import os, signal\n" + setup, "trick", solution=True)
+    nb = lesson("    if worked:\n        raise ValueError('these worked: ' + ', '.join(worked))\n    return 2 * x",
+                before=[cell])
+    points, ex = grade(nb)
     assert points == 3, ex
 
 
 @needs_bwrap
-def test_the_library_and_the_grader_are_read_only(grade):
+def test_the_library_the_grader_and_the_repository_are_read_only_and_scratch_is_bounded(grade):
     cache = ROOT / "sb_ref" / "testing" / "__pycache__" / "planted.cpython-311.pyc"
     code = "\n".join(f"try:\n    open({str(p)!r}, 'w').write('x')\n    succeeded = True\nexcept OSError:\n    pass"
                      for p in (cache, ROOT / "autograder" / "planted.py", ROOT / "planted.txt"))
-    assert grade(trick(code))[0] == 3
+    code += "\n" + attempt("open('/tmp/big', 'wb').write(b'x' * (80 << 20))")
+    assert grade(trick(code), limits=SandboxLimits(memory_mb=4096, scratch_mb=32))[0] == 3
     assert not cache.exists() and not (ROOT / "autograder" / "planted.py").exists()
 
 
@@ -110,32 +114,20 @@ def test_nothing_the_notebook_started_outlives_its_grading(grade):
 
 
 @needs_bwrap
-def test_memory_is_limited_for_all_processes_together(grade):
-    """Three children of 600 MiB each, under a limit of 1.5 GiB for the whole sandbox: they cannot all hold it."""
+def test_memory_and_processes_are_limited_for_all_processes_together(grade):
+    """Three children of 600 MiB each under a limit of 1.5 GiB for the whole sandbox cannot all hold it; nor can
+    200 processes start under a limit of 64."""
     child = ("import time; b = bytearray(600 << 20); b[::4096] = b'x' * len(b[::4096]); print('held', flush=True); "
              "time.sleep(60)")
     code = (f"children = [subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE) "
             "for _ in range(3)]\n"
             "held = sum(c.stdout.readline() == b'held\\n' for c in children)\n"
-            "succeeded = held == 3\n"
-            "for c in children:\n    c.kill()")
-    points, ex = grade(trick(code), limits=SandboxLimits(memory_mb=1536, scratch_mb=64))
+            "for c in children:\n    c.kill()\n"
+            "sleepers = []\ntry:\n    for _ in range(200):\n"
+            "        sleepers.append(subprocess.Popen(['sleep', '30']))\nexcept OSError:\n    pass\n"
+            "succeeded = held == 3 or len(sleepers) == 200\nfor c in sleepers:\n    c.kill()")
+    points, ex = grade(trick(code), limits=SandboxLimits(memory_mb=1536, processes=64, scratch_mb=64))
     assert points == 3, ex
-
-
-@needs_bwrap
-def test_processes_are_limited_for_all_of_them_together(grade):
-    code = ("children = []\ntry:\n    for _ in range(200):\n"
-            "        children.append(subprocess.Popen(['sleep', '30']))\nexcept OSError:\n    pass\n"
-            "succeeded = len(children) == 200\nfor c in children:\n    c.kill()")
-    points, ex = grade(trick(code), limits=SandboxLimits(memory_mb=4096, processes=64))
-    assert points == 3, ex
-
-
-@needs_bwrap
-def test_the_scratch_folder_is_bounded(grade):
-    code = attempt("open('/tmp/big', 'wb').write(b'x' * (80 << 20))")
-    assert grade(trick(code), limits=SandboxLimits(memory_mb=4096, scratch_mb=32))[0] == 3
 
 
 def test_every_lesson_hides_the_library_it_asks_for():
