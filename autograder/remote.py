@@ -202,7 +202,7 @@ class RemoteSession:
     BOOTSTRAP = "from autograder.serve import serve_backward, serve_call, serve_getattr"
     # Seconds an answer may still take once the kernel says the call is done: by then it has all been written into
     # the pipe, of which at most the pipe's buffer is left to read.
-    ANSWER_WAIT = 5.0
+    ANSWER_WAIT = 2.0
 
     def __init__(self, kernel, call_timeout):
         self.kernel, self.call_timeout = kernel, call_timeout
