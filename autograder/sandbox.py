@@ -173,19 +173,22 @@ class Cgroup:
     def _memory_file(self, v1, v2):
         return self.dirs[0] / (v1 if self.version == 1 else v2)
 
+    def _stat(self):
+        return dict(line.split() for line in self._memory_file("memory.stat", "memory.stat").read_text().splitlines())
+
     def memory_bytes(self):
         """Memory charged to it now (page cache included)."""
         return int(self._memory_file("memory.usage_in_bytes", "memory.current").read_text())
 
     def anonymous_bytes(self):
         """Memory its processes hold themselves (no page cache): what a notebook's own data takes."""
-        stat = dict(line.split() for line in self._memory_file("memory.stat", "memory.stat").read_text().splitlines())
+        stat = self._stat()
         return int(stat["total_rss"] if "total_rss" in stat else stat.get("rss", stat.get("anon", 0)))
 
     def faulted_bytes(self):
         """Bytes of pages its processes have faulted in so far (a count that only grows: memory freed and taken
         again counts again)."""
-        stat = dict(line.split() for line in self._memory_file("memory.stat", "memory.stat").read_text().splitlines())
+        stat = self._stat()
         return int(stat.get("total_pgfault", stat.get("pgfault", 0))) * os.sysconf("SC_PAGE_SIZE")
 
     def watch_peak(self):

@@ -17,6 +17,7 @@ import pytest
 from autograder import rules
 from autograder.grading import grade_notebook
 from autograder.sandbox import SandboxLimits, bwrap_problem
+from test_autograder_cli import _solution_cell
 from test_autograder_isolation import SOLUTION, _cell, lesson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,10 +159,8 @@ def test_an_exercise_answered_by_the_library_earns_nothing(tmp_path):
         "attention_numpy": "def attention_numpy(q, k, v, attend_current=False):\n    import sb_ref\n"
                            "    return sb_ref.naive.stick_breaking_attention(q, k, v, attend_current=attend_current)\n",
     }
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in answers:
-            cell.source = answers[grade_id]
+    for grade_id, answer in answers.items():
+        _solution_cell(nb, grade_id).source = answer
     path = tmp_path / "lazy" / lesson_name / f"{lesson_name}.ipynb"
     path.parent.mkdir(parents=True)
     nbformat.write(nb, path)
@@ -200,9 +199,8 @@ def test_the_capstones_reference_logits_are_computed_in_the_grader(tmp_path):
     lesson_name = "09_capstone"
     source = ROOT / "solutions" / lesson_name / f"{lesson_name}.ipynb"
     nb = nbformat.read(source, as_version=4)
-    end = next(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == "test_tiny_lm")
-    nb.cells = nb.cells[:end + 1]  # no training
-    tiny_lm = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "tiny_lm")
+    nb.cells = nb.cells[:nb.cells.index(_solution_cell(nb, "test_tiny_lm")) + 1]  # no training
+    tiny_lm = _solution_cell(nb, "tiny_lm")
     tiny_lm.source = tiny_lm.source.split("    def forward")[0] + (
         "    def forward(self, tokens):\n"
         "        x = self.embed(tokens)\n"

@@ -78,13 +78,9 @@ def time_pair(fn, reference, args, rounds=3):
         return _time_pair_here(fn, reference, args, rounds)
     ours, theirs = [], []
     for _ in range(rounds):
-        ours.append(run_where_it_lives(fn, _median_here, args))
+        ours.append(run_where_it_lives(fn, median_ms, args))
         theirs.append(median_ms(reference, args))
     return min(ours), min(theirs)
-
-
-def _median_here(fn, args):
-    return median_ms(fn, args)
 
 
 def _time_pair_here(fn, reference, args, rounds):
