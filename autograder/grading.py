@@ -203,15 +203,18 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
         session = RemoteSession(kernel, call_timeout)
         cleanup.callback(session.close)
         definitions = []  # (source, learner's?) of the trusted, given and exercise cells run so far
-        session.memory_probe = MemoryProbe(sandbox, definitions, env, gpu, call_timeout)
-        cleanup.callback(session.memory_probe.close)
+        session.measuring = MeasuringKernel(sandbox, definitions, env, gpu, call_timeout)
+        cleanup.callback(session.measuring.close)
         session.bootstrap()
         replay, results = [], {}
         last_test = max((i for i, c in enumerate(cells) if is_test_cell(c)), default=-1)
         for cell in cells[:last_test + 1]:  # what runs after the last test cannot change a score
             if is_test_cell(cell):
                 exercise = results[_nbgrader(cell)["grade_id"]] = _score_test(cell, session, names)
-                if exercise.status in ("timed out", "crashed"):  # the kernel is fresh: bring its state back
+                stopped, session.stopped = session.stopped, False
+                if stopped:  # the check shut the kernel down to time something alone
+                    kernel.start()
+                if stopped or exercise.status in ("timed out", "crashed"):  # a fresh kernel: bring its state back
                     session.bootstrap()
                     _replay(kernel, replay, cell_timeout)
                 elif exercise.status == "failed" and "NameError" in exercise.message and grade.notes:
@@ -232,36 +235,44 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
     return grade
 
 
-class MemoryProbe:
-    """The grader's memory probe (:meth:`autograder.remote.RemoteFunction.measure_memory`), read from outside.
+class MeasuringKernel:
+    """Where the grader measures the learner's functions from outside: a second kernel, in a cgroup of its own, that
+    runs the lesson's own cells and the learner's exercise cells (nothing else of the notebook), then the calls to
+    measure. It stays for the notebook's later checks (started again after a timeout, a crash, or
+    :meth:`RemoteSession.alone`).
 
-    A second kernel, in a cgroup of its own, runs the lesson's own cells and the learner's exercise cells (nothing
-    else of the notebook), then the calls to measure. Whatever the learner's code leaves held there (its cells and
-    every call, counted as anonymous memory, which no ballast freed later can hide) is ``held``. Before a measured
-    call the cgroup's peak is reset: its rise above the memory charged at that moment is what the call took. The
-    kernel stays for the notebook's later checks (started again after a timeout or a crash). What a call took is
-    the larger of that peak and the pages it faulted in, so memory freed and taken again during the call (ballast
-    given up to make room) counts too."""
+    - :meth:`memory` (:meth:`autograder.remote.RemoteFunction.measure_memory`): whatever the learner's code leaves
+      held there (its cells and every call, counted as anonymous memory, which no ballast freed later can hide) is
+      ``held``. Before a measured call the cgroup's peak is reset: its rise above the memory charged at that moment
+      is what the call took. What a call took is the larger of that peak and the pages it faulted in, so memory
+      freed and taken again during the call (ballast given up to make room) counts too.
+    - :meth:`time_calls` (:meth:`autograder.remote.RemoteFunction.time_calls`): the grader's clock around each
+      call into the kernel."""
 
     def __init__(self, sandbox, definitions, env, gpu, timeout):
         self.sandbox, self.definitions, self.env, self.gpu, self.timeout = sandbox, definitions, env, gpu, timeout
         self.kernel = self.session = None
         self.ran = self.held = 0
 
-    def __call__(self, target, warmup_args, args):
-        try:
-            if self.kernel is None:
-                self.kernel = LearnerKernel(self.sandbox, gpu=self.gpu, env=self.env)
-                self.kernel.start()
-                self.session = RemoteSession(self.kernel, self.timeout)
-                self.session.bootstrap()
-                self.ran = self.held = 0
-            cgroup = self.kernel.cgroup
+    def _ready(self):
+        """Starts the kernel if need be and runs the cells defined since; returns its cgroup (or None)."""
+        if self.kernel is None:
+            self.kernel = LearnerKernel(self.sandbox, gpu=self.gpu, env=self.env)
+            self.kernel.start()
+            self.session = RemoteSession(self.kernel, self.timeout)
+            self.session.bootstrap()
+            self.ran = self.held = 0
+        cgroup = self.kernel.cgroup
+        for source, learners in self.definitions[self.ran:]:
+            self._learner_code(cgroup, lambda: self.kernel.run(source, timeout=self.timeout), learners)
+        self.ran = len(self.definitions)
+        return cgroup
+
+    def memory(self, target, warmup_args, args):
+        with self._afresh_after_failure():
+            cgroup = self._ready()
             if cgroup is None:
                 return None
-            for source, learners in self.definitions[self.ran:]:
-                self._learner_code(cgroup, lambda: self.kernel.run(source, timeout=self.timeout), learners)
-            self.ran = len(self.definitions)
             fn = RemoteFunction(self.session, target, target)
             warm = self._learner_code(cgroup, lambda: fn(*warmup_args))
             peak = cgroup.watch_peak()
@@ -269,11 +280,30 @@ class MemoryProbe:
             self._learner_code(cgroup, lambda: fn(*args))
             took = max(peak() - start, cgroup.faulted_bytes() - faulted, 0)
             return warm, took, self.held
+
+    def time_calls(self, target, helper, case, seeds, reps):
+        with self._afresh_after_failure():
+            cgroup = self._ready()
+            fn, timed = RemoteFunction(self.session, target, target), RemoteFunction(self.session, helper, helper)
+            self._learner_code(cgroup, lambda: timed(fn, case, seeds[0] ^ 1, min(reps, 2)))  # compile, autotune
+            runs = []
+            for seed in seeds:
+                start = time.perf_counter()
+                result = self._learner_code(cgroup, lambda: timed(fn, case, seed, reps))
+                runs.append((time.perf_counter() - start, result))
+            return runs
+
+    @contextlib.contextmanager
+    def _afresh_after_failure(self):
+        try:
+            yield
         except BaseException:  # a timeout or a crash took the kernel's state: the next measure starts afresh
             self.close()
             raise
 
     def _learner_code(self, cgroup, run, counted=True):
+        if cgroup is None:
+            return run()
         before = cgroup.anonymous_bytes()
         try:
             return run()

@@ -12,6 +12,7 @@ the codec between them. The checks reach it only through :meth:`RemoteFunction.r
 :func:`sb_ref.testing.remote.run_where_it_lives` calls.
 """
 import builtins
+import contextlib
 import itertools
 import os
 import select
@@ -54,6 +55,18 @@ class RemoteFunction:
         """``(fn(*warmup_args), peak bytes of fn(*args), bytes held before)``, measured by the grader from outside a
         fresh sandboxed process that ran only the notebook's exercise cells (None where no cgroup can measure)."""
         return self.session.measure_memory(self.target, warmup_args, args)
+
+    def time_calls(self, helper, case, seeds, reps):
+        """``[(seconds, result)]``, one per seed: ``helper(fn, case, seed, reps)`` run in a fresh sandboxed kernel
+        that ran only the notebook's lesson and exercise cells, after one untimed warm-up run, each timed by the
+        grader's clock around the whole call (the kernel's own clocks are not asked)."""
+        return self.session.time_calls(self.target, helper, case, seeds, reps)
+
+    def alone(self):
+        """A context in which no process of the learner runs (its kernels are shut down; the notebook's kernel
+        comes back, with its cells run again, before the next cell): what is timed in it shares the machine with
+        nothing the learner started."""
+        return self.session.alone()
 
     def __repr__(self):
         return f"<learner function {self.name}>"
@@ -210,16 +223,32 @@ class RemoteSession:
         self.pipe = AnswerPipe(self._dir)
         self._n = itertools.count()
         self._ids = itertools.count()
-        self.memory_probe = None  # (target, warmup args, args) -> measure_memory's triple, or None
+        self.measuring = None  # the grader's MeasuringKernel, or None
+        self.stopped = False  # alone() shut the kernel down: it must be started again before the next cell
 
     def close(self):
         self.pipe.close()
 
     def measure_memory(self, target, warmup_args, args):
-        """See :meth:`RemoteFunction.measure_memory`; the grader sets :attr:`memory_probe` to do it."""
-        if self.memory_probe is None or not isinstance(target, str):
+        """See :meth:`RemoteFunction.measure_memory`; the grader sets :attr:`measuring` to do it."""
+        if self.measuring is None or not isinstance(target, str):
             return None
-        return self.memory_probe(target, warmup_args, args)
+        return self.measuring.memory(target, warmup_args, args)
+
+    def time_calls(self, target, helper, case, seeds, reps):
+        """See :meth:`RemoteFunction.time_calls`."""
+        if self.measuring is None or not isinstance(target, str):
+            raise LearnerError(f"{target} cannot be timed: only a function the notebook defines by name can")
+        return self.measuring.time_calls(target, helper, case, seeds, reps)
+
+    @contextlib.contextmanager
+    def alone(self):
+        """See :meth:`RemoteFunction.alone`."""
+        if self.measuring is not None:
+            self.measuring.close()
+        self.kernel.shutdown()
+        self.stopped = True
+        yield
 
     def new_id(self):
         return next(self._ids)

@@ -6,17 +6,22 @@ import triton
 import triton.language as tl
 import sb_ref
 from sb_ref.testing import make_inputs
-from sb_ref.testing.speed import (Score, check_speed, key_elements_loaded, largest_allocation, reference_attention,
-                                  speed_share)
+from sb_ref.testing.speed import (Score, TimingCase, check_speed, key_elements_loaded, largest_allocation,
+                                  reference_attention, speed_share, time_pair, timed_calls)
 
 T, D, H, BLOCK = 256, 16, 2, 64  # the interpreter's query block for sb_ref's forward is 64
 
 
-def make_args(device, size):
-    T_ = T if size == "small" else 8192
-    B_, H_ = (1, H) if size == "small" else (4, 16)
+def make_args(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    return make_inputs("random", B=B_, Hq=H_, T=T_, D=D if size == "small" else 128, dtype=dtype, device=device)
+    return make_inputs("random", B=1, Hq=H, T=T, D=D, dtype=dtype, device=device)
+
+
+SMALL_TIMING = TimingCase(1, 2, 64, 16, "float32")  # what a CPU can time in a test
+
+
+def torch_reference(q, k, v):
+    return sb_ref.stick_breaking_attention(q, k, v, backend="torch")
 
 
 FULL_SWEEP = triton.cdiv(T, BLOCK) * T * D * H  # every query block loading every key row
@@ -59,7 +64,7 @@ def test_without_a_gpu_the_proxies_pass_a_tiled_causal_kernel():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU proxies")
 def test_the_proxies_measure_what_they_say():
-    q, k, v = make_args("cpu", "small")
+    q, k, v = make_args("cpu")
     assert largest_allocation(quadratic, (q, k, v)) >= T * T
     assert largest_allocation(reference_attention, (q, k, v)) <= q.numel()  # o itself
     causal = key_elements_loaded(reference_attention, (q, k, v))
@@ -85,7 +90,8 @@ def test_numerics_come_first():
 
 @pytest.mark.gpu
 def test_on_a_gpu_the_score_is_a_tier_of_measured_speed():
-    same = check_speed(reference_attention, reference_attention, make_args, points=4)
+    timing = TimingCase(4, 16, 8192, 128)
+    same = check_speed(reference_attention, reference_attention, make_args, points=4, timing=timing)
     assert same >= 3 and "ms" in same.note  # the same kernel: about 1x, timing noise aside
 
     def slower(q, k, v):
@@ -93,8 +99,79 @@ def test_on_a_gpu_the_score_is_a_tier_of_measured_speed():
             out = reference_attention(q, k, v)
         return out
 
-    slow = check_speed(slower, reference_attention, make_args, points=4)
+    slow = check_speed(slower, reference_attention, make_args, points=4, timing=timing)
     assert slow < same and "of the points" in slow.note
+
+
+def test_timed_calls_give_each_call_its_own_inputs_and_a_digest_of_its_output():
+    digests, norms = timed_calls(torch_reference, SMALL_TIMING, seed=3, reps=5)
+    assert digests.shape == norms.shape == (5, 1, 2) and (norms > 0).all()
+    again, _ = timed_calls(torch_reference, SMALL_TIMING, seed=3, reps=5)
+    assert torch.equal(digests, again)  # the same seed: the same inputs
+    assert len(set(digests[:, 0, 0].tolist())) == 5  # each call its own q, so its own output
+
+
+def test_timing_catches_a_result_kept_from_an_earlier_call():
+    kept = {}
+
+    def cached(q, k, v):
+        if "o" not in kept:
+            kept["o"] = torch_reference(q, k, v)
+        return kept["o"]
+
+    t_fn, t_ref = time_pair(torch_reference, torch_reference, SMALL_TIMING, rounds=1)
+    assert t_fn > 0 and t_ref > 0
+    with pytest.raises(AssertionError, match="not sb_ref's for its inputs"):
+        time_pair(cached, torch_reference, SMALL_TIMING, rounds=1)
+
+
+TIMING_CELL = """from sb_ref.testing.speed import time_pair
+from test_speed_checks import SMALL_TIMING, torch_reference
+t_fn, t_ref = time_pair(fast_attention, torch_reference, SMALL_TIMING)
+assert 0 < t_fn and 0 < t_ref, (t_fn, t_ref)
+print(t_fn, t_ref)"""
+
+
+@pytest.mark.parametrize("body, passed", [
+    ("    return sb_ref.stick_breaking_attention(q, k, v, backend='torch')", True),
+    # one output kept and given back for every call
+    ("    global KEPT\n"
+     "    if 'KEPT' not in globals():\n"
+     "        KEPT = sb_ref.stick_breaking_attention(q, k, v, backend='torch')\n"
+     "    return KEPT", False),
+    # the grader's timing helper replaced in the learner's kernel: instant, made-up digests
+    ("    import sb_ref.testing.speed as speed\n"
+     "    speed.timed_calls = lambda fn, case, seed, reps: (torch.zeros(reps, 1, 2, dtype=torch.float64),\n"
+     "                                                      torch.ones(reps, 1, 2, dtype=torch.float64))\n"
+     "    return sb_ref.stick_breaking_attention(q, k, v, backend='torch')", False),
+])
+def test_the_grader_times_the_learner_from_outside_and_sb_ref_alone(tmp_path, monkeypatch, body, passed):
+    """The grader's clock, the digests checked against sb_ref's, and the notebook's kernel back afterwards."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from autograder.grading import grade_notebook
+
+    nb = new_notebook()
+    cells = [(new_code_cell("import sb_ref, torch\nANSWER = 42"), "setup", {"locked": True}),
+             (new_code_cell("def fast_attention(q, k, v):\n" + body + "\n\ndef answer():\n    return ANSWER"),
+              "fast", {"solution": True}),
+             (new_code_cell(TIMING_CELL), "test_timing", {"grade": True, "locked": True, "points": 2}),
+             # after the timing shut every learner process down: the notebook's state is back
+             (new_code_cell("assert answer() == 42"), "test_after", {"grade": True, "locked": True, "points": 1})]
+    for cell, gid, meta in cells:
+        cell.metadata["nbgrader"] = {"grade_id": gid, "schema_version": 3, "solution": False, "grade": False,
+                                     "locked": False, **meta}
+    nb.cells = [cell for cell, _, _ in cells]
+    path = tmp_path / "timing.ipynb"
+    nbformat.write(nb, path)
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # the timing case for the cell
+    result = grade_notebook(path, path, call_timeout=300)
+    timing, after = result.exercises
+    assert timing.status == ("passed" if passed else "failed"), timing.message
+    if not passed:
+        assert "not sb_ref's for its inputs" in timing.message
+    assert after.status == "passed", after.message
 
 
 SPEED_CELL = """from sb_ref.testing.speed import check_speed, reference_attention

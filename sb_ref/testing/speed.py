@@ -1,6 +1,7 @@
-"""Speed checks. On a GPU: the learner's op and ``sb_ref``'s own, timed in the same process (medians after
-warm-up), scored in tiers by the throughput ratio, and only after the numerics pass. Without a GPU there is no
-wall-clock score at all; deterministic proxies stand in, and the verdict says so:
+"""Speed checks. On a GPU: the learner's op and ``sb_ref``'s own, each timed over many calls on fresh inputs
+(wall clock around the whole run, after warm-up), scored in tiers by the throughput ratio, and only after the
+numerics pass. Without a GPU there is no wall-clock score at all; deterministic proxies stand in, and the verdict
+says so:
 
 - no tensor of ``T * T`` elements is allocated: under the course's grader, the op's peak memory read from outside
   its process (:func:`peak_memory`); elsewhere, the largest allocation (:func:`largest_allocation`, through
@@ -9,27 +10,38 @@ wall-clock score at all; deterministic proxies stand in, and the verdict says so
   elements it loads are counted (:func:`key_elements_loaded`); a kernel that skips the tiles above the diagonal loads
   about half of what a full sweep does.
 
-When the grader calls a learner's function in the learner's own kernel, the memory proxies are read by the grader
-from outside that kernel (:func:`peak_memory`); the timing and the load counts run there, next to the function
-(:func:`sb_ref.testing.remote.run_where_it_lives`), with the timing primitives captured when this module was first
-imported, and sb_ref's own kernel is timed in the grader's process.
+Under the course's grader, the learner's op is timed from outside: the grader's clock runs around a call into a
+fresh sandboxed kernel that ran only the notebook's lesson and exercise cells (:func:`timed_calls` runs there), and
+the outputs of every timed call come back as digests that the grader checks against sb_ref's on the same inputs,
+so that no call can be skipped or answered from a cache. sb_ref's own kernel is then timed the same way in the
+grader's process while no process of the learner runs (``fn.alone()``), so that nothing the learner left running
+can slow the reference down.
 """
-import statistics
-from contextlib import contextmanager
+import secrets
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import astuple, dataclass
 
 import torch
 
 from .core import LargestAllocation, make_inputs, rel_err
 from .remote import run_where_it_lives
 
-_Event, _record, _elapsed, _synchronize = (torch.cuda.Event, torch.cuda.Event.record,
-                                           torch.cuda.Event.elapsed_time, torch.cuda.synchronize)
+_synchronize = torch.cuda.synchronize
 
 #: The length at which the grader measures a CPU op's peak memory from outside (a T*T float32 matrix: 2.25 MiB).
 PROXY_T = 768
 
 #: What the learner's exercise cells and earlier calls may leave held in the grader's measuring process.
 HELD_LIMIT = 256 << 20
+
+#: Seconds of work each timed run aims at: long enough that a call's round trip into the learner's kernel (a few
+#: milliseconds) is a small part of it.
+TIMED_SECONDS = 0.5
+
+#: How far a timed call's digest may stray from sb_ref's, in units of the output's norm (a correct bfloat16 output
+#: strays by about 1e-3; another input's output, or no output, by about 1).
+DIGEST_TOL = 0.05
 
 #: (smallest throughput ratio to sb_ref's kernel, share of the exercise's points), best first
 SPEED_TIERS = ((0.9, 1.0), (0.6, 0.75), (0.3, 0.5), (0.0, 0.25))
@@ -55,40 +67,97 @@ def speed_share(ratio, tiers=SPEED_TIERS):
     return 0.0
 
 
-def median_ms(fn, args, warmup=5, reps=20):
-    """Median milliseconds of ``fn(*args)`` on the GPU, each repetition timed with its own CUDA events."""
-    for _ in range(warmup):
-        fn(*args)
-    times = []
-    for _ in range(reps):
-        start, end = _Event(enable_timing=True), _Event(enable_timing=True)
-        _record(start)
-        fn(*args)
-        _record(end)
+@dataclass(frozen=True)
+class TimingCase:
+    """The inputs a speed check times: q, k, v of a regime (:func:`~sb_ref.testing.make_inputs`) of this shape."""
+
+    B: int
+    H: int
+    T: int
+    D: int
+    dtype: str = "bfloat16"
+    regime: str = "random"
+
+
+def timed_calls(fn, case, seed, reps):
+    """Calls ``fn(q_i, k, v)`` for ``reps`` inputs drawn from ``seed``, one after the other, and waits for the GPU;
+    returns ``(digests, norms)``, each (reps, B, H) float64: per call and head, the sum of the output times a random
+    tensor (any other output gives another sum), and the output's norm (the digest's scale).
+
+    Each call's q is the seed's q rolled along the sequence by its own offset, so every call has its own answer
+    (none can be kept from an earlier call) at the cost of one copy of q. ``case`` is a :class:`TimingCase` or its
+    fields as a tuple (as it travels to the learner's kernel)."""
+    case = case if isinstance(case, TimingCase) else TimingCase(*case)
+    if not 0 < reps <= case.T:
+        raise ValueError(f"reps must be in [1, T = {case.T}], got {reps}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = make_inputs(case.regime, B=case.B, Hq=case.H, T=case.T, D=case.D, dtype=getattr(torch, case.dtype),
+                          device=device, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    shifts = torch.randperm(case.T, generator=generator)[:reps].tolist()
+    weights = torch.randn(q.shape, generator=generator).to(device)
+    digests = torch.empty(reps, case.B, case.H, dtype=torch.float64, device=device)
+    norms = torch.empty_like(digests)
+    for i, shift in enumerate(shifts):
+        o = fn(q.roll(shift, dims=-2), k, v)
+        o = (o[0] if isinstance(o, (tuple, list)) else o).float()
+        digests[i] = (o * weights).sum((-1, -2))
+        norms[i] = o.square().sum((-1, -2)).sqrt()
+    if device == "cuda":
         _synchronize()
-        times.append(_elapsed(start, end))
-    return statistics.median(times)
+    return digests.cpu(), norms.cpu()
 
 
-def time_pair(fn, reference, args, rounds=3):
-    """(learner ms, reference ms): medians, measured in alternating rounds so that both see the same clocks and
-    caches. A learner's function living in a notebook kernel is timed there, and the reference here, in the
-    grader's process: where the learner's code runs, the library's kernels are hidden and could be slowed."""
-    if getattr(fn, "run_in_kernel", None) is None:
-        return _time_pair_here(fn, reference, args, rounds)
-    ours, theirs = [], []
-    for _ in range(rounds):
-        ours.append(run_where_it_lives(fn, median_ms, args))
-        theirs.append(median_ms(reference, args))
-    return min(ours), min(theirs)
+def _timed_here(fn, case, seeds, reps):
+    """[(seconds, timed_calls' result)] for each seed, after one untimed warm-up run (compilation, autotuning)."""
+    timed_calls(fn, case, seeds[0] ^ 1, min(reps, 2))
+    runs = []
+    for seed in seeds:
+        start = time.perf_counter()
+        result = timed_calls(fn, case, seed, reps)
+        runs.append((time.perf_counter() - start, result))
+    return runs
 
 
-def _time_pair_here(fn, reference, args, rounds):
-    ours, theirs = [], []
-    for _ in range(rounds):
-        ours.append(median_ms(fn, args))
-        theirs.append(median_ms(reference, args))
-    return min(ours), min(theirs)
+def time_pair(fn, reference, case, rounds=3):
+    """(learner ms, reference ms) per call: the fastest of ``rounds`` timed runs of :func:`timed_calls` each, on
+    the same fresh seeds. A learner's function living in a notebook kernel is timed by the grader from outside a
+    fresh kernel of its own (``fn.time_calls``), and the reference here, while no process of the learner runs
+    (``fn.alone()``); every timed call's output must match the reference's (:data:`DIGEST_TOL`).
+
+    Raises AssertionError when a timed call's output does not match (a result kept between calls, a call
+    skipped)."""
+    case = case if isinstance(case, TimingCase) else TimingCase(*case)
+    start = time.perf_counter()
+    timed_calls(reference, case, 0, 2)
+    one = (time.perf_counter() - start) / 2
+    reps = max(10, min(case.T, round(TIMED_SECONDS / max(one, 1e-6))))
+    seeds = [secrets.randbits(31) for _ in range(rounds)]
+    time_calls = getattr(fn, "time_calls", None)
+    if time_calls is None:
+        ours = _timed_here(fn, case, seeds, reps)
+    else:
+        ours = time_calls(f"{timed_calls.__module__}:{timed_calls.__qualname__}", astuple(case), seeds, reps)
+    with (fn.alone() if hasattr(fn, "alone") else nullcontext()):
+        theirs = _timed_here(reference, case, seeds, reps)
+    for (_, got), (_, want) in zip(ours, theirs):
+        _check_digests(got, want, reps)
+    return (1e3 * min(t for t, _ in ours) / reps, 1e3 * min(t for t, _ in theirs) / reps)
+
+
+def _check_digests(got, want, reps):
+    """The learner's timed calls gave the reference's outputs, each call its own."""
+    shape = want[0].shape
+    if not (isinstance(got, (tuple, list)) and len(got) == 2 and all(
+            isinstance(g, torch.Tensor) and g.shape == shape and g.dtype == torch.float64 for g in got)):
+        raise AssertionError("the timed run did not bring back a digest for each call: the speed is not scored")
+    stray = ((got[0] - want[0]).abs() / want[1].clamp_min(1e-30)).amax(dim=(1, 2))
+    bad = (~(stray <= DIGEST_TOL)).nonzero().flatten().tolist()
+    if bad:
+        raise AssertionError(f"{len(bad)} of the {reps} timed calls gave an output that is not sb_ref's for its "
+                             f"inputs (the first: call {bad[0]}, off by {stray[bad[0]]:.2g} of its norm): each call "
+                             "must compute its own result (no result kept from an earlier call), so the speed is "
+                             "not scored.")
 
 
 def probed_call(fn, args):
@@ -116,7 +185,7 @@ def _probed_record(fn, args):
 def peak_memory(fn, warmup_args, args):
     """``(fn(*warmup_args), peak, held)`` as the course's grader measures it from outside the learner's process:
     ``peak`` the bytes that ``fn(*args)`` took at its peak, ``held`` the bytes the notebook's exercise cells and the
-    warm-up call left held before it (see :func:`autograder.grading`'s memory probe). None when ``fn`` is not a
+    warm-up call left held before it (see :class:`autograder.grading.MeasuringKernel`). None when ``fn`` is not a
     grader's proxy, or the grader has no cgroup to measure with: then :func:`probed_call` is the probe."""
     measure = getattr(fn, "measure_memory", None)
     return None if measure is None else measure(warmup_args, args)
@@ -169,14 +238,14 @@ def _key_elements_loaded_here(fn, args, key_index):
     return sum(rows.values())
 
 
-def check_speed(fn, reference, make_args, *, points, check="check_speed", tol=2.5e-3, tiers=SPEED_TIERS,
-                full_sweep_loads=None):
+def check_speed(fn, reference, make_args, *, points, timing=TimingCase(4, 12, 4096, 128), check="check_speed",
+                tol=2.5e-3, tiers=SPEED_TIERS, full_sweep_loads=None):
     """Numerics first, then speed: on a GPU a tier of ``points``; without one, the proxies (reported as such).
 
     Args:
-        fn: the learner's op; reference: sb_ref's own, same signature. ``make_args(device, size)`` builds the
-            inputs, with ``size`` "small" (numerics, proxies) or "large" (timing; sized to fill the GPU).
-            The first tensor argument is q, the second k, each (B, H, T, D).
+        fn: the learner's op; reference: sb_ref's own, same signature. ``make_args(device)`` builds the small
+            inputs (numerics, proxies): q, k, v, each (B, H, T, D), then any further arguments.
+        timing: the :class:`TimingCase` timed on a GPU (sized to fill it).
         full_sweep_loads: key elements a kernel that visits every key tile would load on the small inputs;
             with it, a kernel loading more than 3/4 of that is told to skip the tiles above the diagonal.
 
@@ -185,7 +254,7 @@ def check_speed(fn, reference, make_args, *, points, check="check_speed", tol=2.
     """
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
-    small = make_args(device, "small")
+    small = make_args(device)
     got, want = fn(*small), reference(*small)
     got, want = (got[0], want[0]) if isinstance(want, tuple) else (got, want)
     err = rel_err(got, want)
@@ -193,7 +262,10 @@ def check_speed(fn, reference, make_args, *, points, check="check_speed", tol=2.
         raise AssertionError(f"{check}: numerics first: your output differs from sb_ref's by {err:.2e} "
                              f"(relative Frobenius; allowed {tol:.1e}). Speed is scored once the numerics pass.")
     if on_gpu:
-        t_fn, t_ref = time_pair(fn, reference, make_args(device, "large"))
+        try:
+            t_fn, t_ref = time_pair(fn, reference, timing)
+        except AssertionError as exc:
+            raise AssertionError(f"{check}: {exc}") from None
         ratio = t_ref / t_fn
         share = speed_share(ratio, tiers)
         note = (f"speed on {torch.cuda.get_device_name()}: {t_fn:.3f} ms vs sb_ref's {t_ref:.3f} ms, "

@@ -14,8 +14,9 @@ that skips the key tiles above the diagonal.
   sweeps every key tile). It returns a :class:`~sb_ref.testing.speed.Score`: nbgrader reads it as partial credit.
 
 Like the other checks they print one verdict line, keep stderr silent, raise ``AssertionError`` with a message a
-learner can act on, and say "not attempted yet" for a stub. A learner's function that lives in the grader's
-notebook kernel is timed there, next to its code (:func:`sb_ref.testing.remote.run_where_it_lives`).
+learner can act on, and say "not attempted yet" for a stub. Under the course's grader, ``median_ms`` is tried in
+the notebook's kernel, next to its code (:func:`sb_ref.testing.remote.run_where_it_lives`), and ``fast_forward``
+is timed from outside (:func:`sb_ref.testing.speed.time_pair`).
 """
 import math
 import statistics
@@ -25,7 +26,7 @@ import torch
 
 from ..core import REGIMES, make_inputs, oracle_attention
 from ..remote import run_where_it_lives
-from ..speed import check_speed, reference_attention
+from ..speed import TimingCase, check_speed, reference_attention
 from .harness import TOLERANCE, call, compare, fmt_case, name_of, not_attempted, quietly, verdict
 
 __all__ = ["check_attention_flops", "check_median_ms", "check_fast_forward",
@@ -208,11 +209,9 @@ def check_median_ms(median_ms, *, seed=0):
 # exercise 3: fast_forward
 
 def _make_args(seed, B, H, T, D):
-    def make_args(device, size):
-        if size == "small":
-            dtype = torch.float32 if device == "cpu" else torch.bfloat16
-            return make_inputs("random", B=B, Hq=H, T=T, D=D, dtype=dtype, device=device, seed=seed)
-        return make_inputs("random", B=4, Hq=12, T=4096, D=128, dtype=torch.bfloat16, device=device, seed=seed)
+    def make_args(device):
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        return make_inputs("random", B=B, Hq=H, T=T, D=D, dtype=dtype, device=device, seed=seed)
     return make_args
 
 
@@ -248,6 +247,7 @@ def check_fast_forward(fast_forward, *, seed=0, T=64, D=16, H=2, points=3):
     full_sweep = math.ceil(T / SWEEP_BLOCK_M) * T * D * H
     try:
         return check_speed(fast_forward, reference_attention, _make_args(seed, 1, H, T, D), points=points,
-                           check=check, tiers=FAST_FORWARD_TIERS, full_sweep_loads=full_sweep)
+                           timing=TimingCase(4, 12, 4096, 128), check=check, tiers=FAST_FORWARD_TIERS,
+                           full_sweep_loads=full_sweep)
     except NotImplementedError:
         raise not_attempted(check, f"`{name_of(fast_forward)}`") from None
