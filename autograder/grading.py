@@ -207,14 +207,12 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
         cleanup.callback(session.measuring.close)
         session.bootstrap()
         replay, results = [], {}
+        session.restore = lambda: _restart(kernel, session, replay, cell_timeout)  # after a check's alone()
         last_test = max((i for i, c in enumerate(cells) if is_test_cell(c)), default=-1)
         for cell in cells[:last_test + 1]:  # what runs after the last test cannot change a score
             if is_test_cell(cell):
                 exercise = results[_nbgrader(cell)["grade_id"]] = _score_test(cell, session, names)
-                stopped, session.stopped = session.stopped, False
-                if stopped:  # the check shut the kernel down to time something alone
-                    kernel.start()
-                if stopped or exercise.status in ("timed out", "crashed"):  # a fresh kernel: bring its state back
+                if exercise.status in ("timed out", "crashed"):  # the kernel is fresh: bring its state back
                     session.bootstrap()
                     _replay(kernel, replay, cell_timeout)
                 elif exercise.status == "failed" and "NameError" in exercise.message and grade.notes:
@@ -317,6 +315,12 @@ class MeasuringKernel:
         if self.kernel is not None:
             self.kernel.shutdown()
         self.kernel = self.session = None
+
+
+def _restart(kernel, session, sources, timeout):
+    kernel.start()
+    session.bootstrap()
+    _replay(kernel, sources, timeout)
 
 
 def _replay(kernel, sources, timeout):

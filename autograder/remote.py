@@ -224,7 +224,6 @@ class RemoteSession:
         self._n = itertools.count()
         self._ids = itertools.count()
         self.measuring = None  # the grader's MeasuringKernel, or None
-        self.stopped = False  # alone() shut the kernel down: it must be started again before the next cell
 
     def close(self):
         self.pipe.close()
@@ -243,12 +242,20 @@ class RemoteSession:
 
     @contextlib.contextmanager
     def alone(self):
-        """See :meth:`RemoteFunction.alone`."""
+        """See :meth:`RemoteFunction.alone`: the kernel is shut down, and :attr:`restore` brings it back after."""
         if self.measuring is not None:
             self.measuring.close()
         self.kernel.shutdown()
-        self.stopped = True
-        yield
+        try:
+            yield
+        finally:
+            self.restore()
+
+    def restore(self):
+        """Starts the kernel again after :meth:`alone`; the grader replaces it with one that also replays the
+        notebook's cells."""
+        self.kernel.start()
+        self.bootstrap()
 
     def new_id(self):
         return next(self._ids)

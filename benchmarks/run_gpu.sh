@@ -36,7 +36,7 @@ cd /tmp  # not the repo root: its sb_ref/ (without kernels/) would shadow the as
 rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
     read -r -a files <<< "${TEST_FILES:-tests/test_kernels_gpu.py tests/test_kernels.py}"
-    SB_GPU_RESULTS="$OUT/gpu_errors.json" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "${files[@]/#/$REPO/}" \
+    PYTHONPATH="$SITE:$REPO:$PYTHONPATH" SB_GPU_RESULTS="$OUT/gpu_errors.json" timeout ${TEST_TIMEOUT:-560} $PY -m pytest "${files[@]/#/$REPO/}" \
         -v -rfE -p no:cacheprovider --durations=25 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/tests.log"
     rc=$((rc | ${PIPESTATUS[0]}))
 fi

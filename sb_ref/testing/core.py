@@ -64,14 +64,20 @@ def make_inputs(regime, *, B=1, Hq=2, Hk=None, T=64, D=32, Dv=None, dtype=torch.
     q = torch.randn(B, Hq, T, D, generator=gen, dtype=torch.float64)
     k = torch.randn(B, Hk, T, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, Hk, T, Dv, generator=gen, dtype=torch.float64)
+    q, k = shape_regime(regime, q, k)
+    return tuple(x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in (q, k, v))
+
+
+def shape_regime(regime, q, k):
+    """``(q, k)`` of the regime, from N(0, 1) ones (see :func:`make_inputs`)."""
     if regime == "long":  # q.k = -c^2 + small: logit = scale * q.k ~ -8
-        c = (8.0 * D ** 0.5) ** 0.5
+        c = (8.0 * q.shape[-1] ** 0.5) ** 0.5
         q, k = 0.3 * q, 0.3 * k
         q[..., 0] += c
         k[..., 0] -= c
     elif regime == "saturated":
         q = 12.0 * q
-    return tuple(x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in (q, k, v))
+    return q, k
 
 
 def rel_err(x, reference):

@@ -24,7 +24,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 
-from .core import LargestAllocation, make_inputs, rel_err
+from .core import LargestAllocation, make_inputs, rel_err, shape_regime
 from .remote import run_where_it_lives
 
 _synchronize = torch.cuda.synchronize
@@ -91,11 +91,12 @@ def timed_calls(fn, case, seed, reps):
     if not 0 < reps <= case.T:
         raise ValueError(f"reps must be in [1, T = {case.T}], got {reps}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v = make_inputs(case.regime, B=case.B, Hq=case.H, T=case.T, D=case.D, dtype=getattr(torch, case.dtype),
-                          device=device, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    shifts = torch.randperm(case.T, generator=generator)[:reps].tolist()
-    weights = torch.randn(q.shape, generator=generator).to(device)
+    shifts = torch.randperm(case.T, generator=torch.Generator().manual_seed(seed))[:reps].tolist()
+    generator = torch.Generator(device).manual_seed(seed)  # on the device: quick beside the calls it feeds
+    q, k, v, weights = (torch.randn(case.B, case.H, case.T, case.D, generator=generator, device=device)
+                        for _ in range(4))
+    q, k = shape_regime(case.regime, q, k)
+    q, k, v = (x.to(getattr(torch, case.dtype)) for x in (q, k, v))
     digests = torch.empty(reps, case.B, case.H, dtype=torch.float64, device=device)
     norms = torch.empty_like(digests)
     for i, shift in enumerate(shifts):
@@ -128,9 +129,10 @@ def time_pair(fn, reference, case, rounds=3):
     Raises AssertionError when a timed call's output does not match (a result kept between calls, a call
     skipped)."""
     case = case if isinstance(case, TimingCase) else TimingCase(*case)
+    timed_calls(reference, case, 0, 2)  # compile, autotune
     start = time.perf_counter()
-    timed_calls(reference, case, 0, 2)
-    one = (time.perf_counter() - start) / 2
+    timed_calls(reference, case, 1, 5)
+    one = (time.perf_counter() - start) / 5
     reps = max(10, min(case.T, round(TIMED_SECONDS / max(one, 1e-6))))
     seeds = [secrets.randbits(31) for _ in range(rounds)]
     time_calls = getattr(fn, "time_calls", None)
