@@ -17,7 +17,7 @@ def make_args(device):
     return make_inputs("random", B=1, Hq=H, T=T, D=D, dtype=dtype, device=device)
 
 
-SMALL_TIMING = TimingCase(1, 2, 64, 16, "float32")  # what a CPU can time in a test
+SMALL_TIMING = TimingCase(1, 2, 64, 16, "float32", device="cpu")  # what a CPU can time in a test
 
 
 def torch_reference(q, k, v):
@@ -127,25 +127,26 @@ def test_timing_catches_a_result_kept_from_an_earlier_call():
 
 TIMING_CELL = """from sb_ref.testing.speed import time_pair
 from test_speed_checks import SMALL_TIMING, torch_reference
-t_fn, t_ref = time_pair(fast_attention, torch_reference, SMALL_TIMING)
+t_fn, t_ref = time_pair({name}, torch_reference, SMALL_TIMING)
 assert 0 < t_fn and 0 < t_ref, (t_fn, t_ref)
 assert answer() == 42  # the notebook's kernel is back, its state with it"""
 
-
-@pytest.mark.parametrize("body, passed", [
-    ("    return sb_ref.stick_breaking_attention(q, k, v, backend='torch')", True),
+TIMED = {
+    "honest": "    return sb_ref.stick_breaking_attention(q, k, v, backend='torch')",
     # one output kept and given back for every call
-    ("    global KEPT\n"
-     "    if 'KEPT' not in globals():\n"
-     "        KEPT = sb_ref.stick_breaking_attention(q, k, v, backend='torch')\n"
-     "    return KEPT", False),
+    "kept": "    global KEPT\n"
+            "    if 'KEPT' not in globals():\n"
+            "        KEPT = sb_ref.stick_breaking_attention(q, k, v, backend='torch')\n"
+            "    return KEPT",
     # the grader's timing helper replaced in the learner's kernel: instant, made-up digests
-    ("    import sb_ref.testing.speed as speed\n"
-     "    speed.timed_calls = lambda fn, case, seed, reps: (torch.zeros(reps, 1, 2, dtype=torch.float64),\n"
-     "                                                      torch.ones(reps, 1, 2, dtype=torch.float64))\n"
-     "    return sb_ref.stick_breaking_attention(q, k, v, backend='torch')", False),
-])
-def test_the_grader_times_the_learner_from_outside_and_sb_ref_alone(tmp_path, monkeypatch, body, passed):
+    "forged": "    import sb_ref.testing.speed as speed\n"
+              "    speed.timed_calls = lambda fn, case, seed, reps: (torch.zeros(reps, 1, 2, dtype=torch.float64),\n"
+              "                                                      torch.ones(reps, 1, 2, dtype=torch.float64))\n"
+              "    return sb_ref.stick_breaking_attention(q, k, v, backend='torch')",
+}
+
+
+def test_the_grader_times_the_learner_from_outside_and_sb_ref_alone(tmp_path, monkeypatch):
     """The grader's clock, the digests checked against sb_ref's, and the notebook's kernel back afterwards."""
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
@@ -153,12 +154,14 @@ def test_the_grader_times_the_learner_from_outside_and_sb_ref_alone(tmp_path, mo
     from autograder.grading import grade_notebook
 
     nb = new_notebook()
-    cells = [(new_code_cell("import sb_ref, torch\nANSWER = 42"), "setup", {"locked": True}),
-             (new_code_cell("def fast_attention(q, k, v):\n" + body + "\n\ndef answer():\n    return ANSWER"),
-              "fast", {"solution": True}),
-             (new_code_cell(TIMING_CELL), "test_timing", {"grade": True, "locked": True, "points": 2}),
-             # after the timing shut every learner process down: the notebook's state is back
-             (new_code_cell("assert answer() == 42"), "test_after", {"grade": True, "locked": True, "points": 1})]
+    cells = [(new_code_cell("import sb_ref, torch\nANSWER = 42\n\ndef answer():\n    return ANSWER"), "setup",
+              {"locked": True})]
+    cells += [(new_code_cell(f"def {name}(q, k, v):\n{body}"), name, {"solution": True})
+              for name, body in TIMED.items()]
+    cells += [(new_code_cell(TIMING_CELL.format(name=name)), f"test_{name}",
+               {"grade": True, "locked": True, "points": 1}) for name in TIMED]
+    # after every timing shut the learner's processes down: the notebook's state is back
+    cells.append((new_code_cell("assert answer() == 42"), "test_after", {"grade": True, "locked": True, "points": 1}))
     for cell, gid, meta in cells:
         cell.metadata["nbgrader"] = {"grade_id": gid, "schema_version": 3, "solution": False, "grade": False,
                                      "locked": False, **meta}
@@ -166,11 +169,11 @@ def test_the_grader_times_the_learner_from_outside_and_sb_ref_alone(tmp_path, mo
     path = tmp_path / "timing.ipynb"
     nbformat.write(nb, path)
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # the timing case for the cell
-    result = grade_notebook(path, path, call_timeout=300)
-    timing, after = result.exercises
-    assert timing.status == ("passed" if passed else "failed"), timing.message
-    if not passed:
-        assert "not sb_ref's for its inputs" in timing.message
+    result = grade_notebook(path, path, call_timeout=300, gpu=torch.cuda.is_available())
+    honest, kept, forged, after = result.exercises
+    assert honest.status == "passed", honest.message
+    for cheat in (kept, forged):
+        assert cheat.status == "failed" and "not sb_ref's for its inputs" in cheat.message, cheat.message
     assert after.status == "passed", after.message
 
 

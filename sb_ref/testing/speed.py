@@ -77,6 +77,7 @@ class TimingCase:
     D: int
     dtype: str = "bfloat16"
     regime: str = "random"
+    device: str = "cuda"  # where the inputs are drawn (the learner's and the reference's must be the same)
 
 
 def timed_calls(fn, case, seed, reps):
@@ -90,7 +91,9 @@ def timed_calls(fn, case, seed, reps):
     case = case if isinstance(case, TimingCase) else TimingCase(*case)
     if not 0 < reps <= case.T:
         raise ValueError(f"reps must be in [1, T = {case.T}], got {reps}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = case.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this timing draws its inputs on the GPU, and this process sees none")
     shifts = torch.randperm(case.T, generator=torch.Generator().manual_seed(seed))[:reps].tolist()
     generator = torch.Generator(device).manual_seed(seed)  # on the device: quick beside the calls it feeds
     q, k, v, weights = (torch.randn(case.B, case.H, case.T, case.D, generator=generator, device=device)
