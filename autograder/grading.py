@@ -25,6 +25,7 @@ import nbformat
 
 from . import rules
 from .kernel import LearnerKernel
+from .replay import Replayer
 from .remote import LearnerCrash, LearnerTimeout, RemoteFunction, RemoteNamespace, RemoteSession
 from .sandbox import Sandbox, SandboxLimits
 
@@ -205,6 +206,12 @@ def grade_notebook(path, source_path, *, with_hidden=False, cell_timeout=120.0, 
         definitions = []  # (source, learner's?) of the trusted, given and exercise cells run so far
         session.measuring = MeasuringKernel(sandbox, definitions, env, gpu, call_timeout)
         cleanup.callback(session.measuring.close)
+        if gpu:  # memory is read off a cgroup, which sees no GPU memory: it is measured on the CPU, interpreted
+            session.memory_measuring = MeasuringKernel(sandbox, definitions, {**env, "TRITON_INTERPRET": "1"}, False,
+                                                       call_timeout)
+            cleanup.callback(session.memory_measuring.close)
+        session.replayer = Replayer(limits, sandboxed, call_timeout)
+        cleanup.callback(session.replayer.close)
         session.bootstrap()
         replay, results = [], {}
         session.restore = lambda: _restart(kernel, session, replay, cell_timeout)  # after a check's alone()
@@ -253,14 +260,15 @@ class MeasuringKernel:
         self.ran = self.held = 0
 
     def _ready(self):
-        """Starts the kernel if need be and runs the cells defined since; returns its cgroup (or None)."""
+        """Starts the kernel if need be and runs the cells defined since; returns its memory meter (its cgroup, or
+        its process tree where the machine gives no cgroup)."""
         if self.kernel is None:
             self.kernel = LearnerKernel(self.sandbox, gpu=self.gpu, env=self.env)
             self.kernel.start()
             self.session = RemoteSession(self.kernel, self.timeout)
             self.session.bootstrap()
             self.ran = self.held = 0
-        cgroup = self.kernel.cgroup
+        cgroup = self.kernel.meter
         for source, learners in self.definitions[self.ran:]:
             self._learner_code(cgroup, lambda: self.kernel.run(source, timeout=self.timeout), learners)
         self.ran = len(self.definitions)

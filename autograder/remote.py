@@ -53,8 +53,15 @@ class RemoteFunction:
 
     def measure_memory(self, warmup_args, args):
         """``(fn(*warmup_args), peak bytes of fn(*args), bytes held before)``, measured by the grader from outside a
-        fresh sandboxed process that ran only the notebook's exercise cells (None where no cgroup can measure)."""
+        fresh sandboxed process that ran only the notebook's exercise cells (None where no cgroup can measure). The
+        arguments are CPU tensors: on a GPU grader that process has no GPU and runs Triton in its interpreter."""
         return self.session.measure_memory(self.target, warmup_args, args)
+
+    def replay_launches(self, record, watched, result):
+        """``{"elements", "widest", "error"}``: the loads of ``watched`` in a replay of the Triton launches this
+        function recorded (:func:`sb_ref.testing.loads.record_launches`), in a fresh sandboxed kernel that defines
+        only the recorded kernels, once the grader has checked them (:mod:`autograder.replay`)."""
+        return self.session.replay_launches(record, watched, result)
 
     def time_calls(self, helper, case, seeds, reps):
         """``[(seconds, result)]``, one per seed: ``helper(fn, case, seed, reps)`` run in a fresh sandboxed kernel
@@ -224,15 +231,22 @@ class RemoteSession:
         self._n = itertools.count()
         self._ids = itertools.count()
         self.measuring = None  # the grader's MeasuringKernel, or None
+        self.replayer = None  # the grader's Replayer, or None
+        self.memory_measuring = None  # on a GPU grader, a CPU MeasuringKernel for memory (else `measuring`'s)
 
     def close(self):
         self.pipe.close()
 
     def measure_memory(self, target, warmup_args, args):
         """See :meth:`RemoteFunction.measure_memory`; the grader sets :attr:`measuring` to do it."""
-        if self.measuring is None or not isinstance(target, str):
+        measuring = self.memory_measuring or self.measuring
+        if measuring is None or not isinstance(target, str):
             return None
-        return self.measuring.memory(target, warmup_args, args)
+        return measuring.memory(target, warmup_args, args)
+
+    def replay_launches(self, record, watched, result):
+        """See :meth:`RemoteFunction.replay_launches`; None without a :attr:`replayer`."""
+        return None if self.replayer is None else self.replayer.replay(record, watched, result)
 
     def time_calls(self, target, helper, case, seeds, reps):
         """See :meth:`RemoteFunction.time_calls`."""
@@ -243,8 +257,9 @@ class RemoteSession:
     @contextlib.contextmanager
     def alone(self):
         """See :meth:`RemoteFunction.alone`: the kernel is shut down, and :attr:`restore` brings it back after."""
-        if self.measuring is not None:
-            self.measuring.close()
+        for measuring in (self.measuring, self.memory_measuring):
+            if measuring is not None:
+                measuring.close()
         self.kernel.shutdown()
         try:
             yield

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from autograder import rules
 from autograder.grading import grade_notebook
@@ -215,3 +216,39 @@ def test_the_capstones_reference_logits_are_computed_in_the_grader(tmp_path):
     result = grade_notebook(path, source, with_hidden=False, lesson=lesson_name)
     (tiny,) = [e for e in result.exercises if e.grade_id == "test_tiny_lm"]
     assert tiny.points == 0 and "the output" in tiny.message, tiny.message
+
+
+QUADRATIC_SB_FORWARD = '''def sb_forward(q, k, v, attend_current=False, block_m=16, block_n=16):
+    "Right answer through the whole T x T weight matrix, with the in-process allocation probe forged."
+    import sb_ref.testing.speed as speed
+    speed._probed_record = lambda fn, args: (fn(*args), (1, (1,), "forged"))
+    z = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    i = torch.arange(q.shape[-2], device=q.device)
+    seen = i[None, :] <= i[:, None] if attend_current else i[None, :] < i[:, None]
+    log_keep = torch.where(seen, F.logsigmoid(-z), 0.0)
+    after = log_keep.flip(-1).cumsum(-1).flip(-1) - log_keep
+    a = torch.where(seen, torch.exp(F.logsigmoid(z) + after), 0.0)
+    return (a @ v.float()).to(q.dtype), 1 - a.sum(-1)
+'''
+
+
+@needs_bwrap
+def test_memory_is_measured_from_outside_without_a_cgroup_and_on_a_gpu_grader(tmp_path, monkeypatch):
+    """A quadratic launcher that forges the in-process allocation probe must fail, measured from outside: here
+    without a cgroup (its process tree's faulted pages, read from /proc), on a GPU in a CPU process that interprets
+    Triton (a cgroup sees no GPU memory)."""
+    from autograder.sandbox import Sandbox
+
+    monkeypatch.setattr(Sandbox, "make_cgroup", lambda self: None)
+    lesson_name = "06_triton_forward"
+    source = ROOT / "solutions" / lesson_name / f"{lesson_name}.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    _solution_cell(nb, "sb_forward").source = QUADRATIC_SB_FORWARD
+    path = tmp_path / "forger" / lesson_name / f"{lesson_name}.ipynb"
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    result = grade_notebook(path, source, with_hidden=False, lesson=lesson_name, gpu=torch.cuda.is_available())
+    outcome = {e.grade_id: e for e in result.exercises}
+    assert outcome["test_sb_forward"].status == "passed", outcome["test_sb_forward"].message
+    memory = outcome["test_sb_forward_memory"]
+    assert memory.points == 0 and "measured from outside" in memory.message, memory.message

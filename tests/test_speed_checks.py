@@ -178,13 +178,27 @@ def test_the_grader_times_the_learner_from_outside_and_sb_ref_alone(tmp_path, mo
 
 
 SPEED_CELL = """from sb_ref.testing.speed import check_speed, reference_attention
-from test_speed_checks import make_args, FULL_SWEEP
-check_speed(fast_attention, reference_attention, make_args, points=2, full_sweep_loads=FULL_SWEEP)"""
+from test_speed_checks import make_args, LESSON_SWEEP
+check_speed(fast_attention, reference_attention, make_args, points=2, full_sweep_loads=LESSON_SWEEP)"""
+
+LESSON_SWEEP = triton.cdiv(T, 16) * T * D * H  # the lesson's kernel on a CPU: 16 x 16 tiles
+
+
+def _lesson_08_fast_forward():
+    """Lesson 08's solution kernel and launcher, as the body of ``fast_attention``: a kernel of the course's kind,
+    which the grader can replay (sb_ref's own kernels take arguments no learner's kernel needs)."""
+    import nbformat
+    from test_autograder_cli import ROOT, _solution_cell
+
+    nb = nbformat.read(ROOT / "solutions" / "08_performance" / "08_performance.ipynb", as_version=4)
+    source = "\n\n".join(_solution_cell(nb, gid).source for gid in ("fast_kernel", "fast_forward"))
+    source = "\n".join(line for line in source.splitlines() if "### " not in line)
+    return "    return fast_forward(q, k, v)\n\n\nimport triton\nimport triton.language as tl\n\n\n" + source
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU proxies")
 @pytest.mark.parametrize("body, points, status", [
-    ("    return sb_ref.stick_breaking_attention(q, k, v, backend='triton')", 2, "passed"),
+    (_lesson_08_fast_forward(), 2, "passed"),
     ("    return sb_ref.testing.oracle_attention(q, k, v)[0].float()", 0, "failed"),
     # the in-process probes replaced at call time: the grader's measure is not taken in the learner's process
     ("    import sb_ref.testing.speed as speed\n"

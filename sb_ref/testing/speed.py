@@ -7,8 +7,8 @@ says so:
   its process (:func:`peak_memory`); elsewhere, the largest allocation (:func:`largest_allocation`, through
   :func:`probed_call`);
 - the key tiles a causal kernel visits: a Triton kernel run through the interpreter is watched, and the key
-  elements it loads are counted (:func:`key_elements_loaded`); a kernel that skips the tiles above the diagonal loads
-  about half of what a full sweep does.
+  elements it loads are counted (:mod:`sb_ref.testing.loads`; under the course's grader in a replay of its launches
+  where no learner code runs); a kernel that skips the tiles above the diagonal loads about half of a full sweep.
 
 Under the course's grader, the learner's op is timed from outside: the grader's clock runs around a call into a
 fresh sandboxed kernel that ran only the notebook's lesson and exercise cells (:func:`timed_calls` runs there), and
@@ -19,12 +19,13 @@ can slow the reference down.
 """
 import secrets
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import astuple, dataclass
 
 import torch
 
 from .core import LargestAllocation, make_inputs, rel_err, shape_regime
+from .loads import key_elements_loaded, watched_loads  # noqa: F401 (key_elements_loaded: the notebooks' import)
 from .remote import run_where_it_lives
 
 _synchronize = torch.cuda.synchronize
@@ -201,48 +202,6 @@ def largest_allocation(fn, args):
     return probed_call(fn, args)[1].numel
 
 
-@contextmanager
-def _watch_loads(tensor, rows):
-    """Counts, per row of ``tensor`` (its dimension -2), the elements the Triton interpreter loads from it."""
-    from triton.runtime import interpreter
-
-    base = tensor.data_ptr()
-    size = tensor.untyped_storage().nbytes()
-    row_bytes = tensor.stride(-2) * tensor.element_size()
-    T = tensor.shape[-2]
-    original = interpreter.InterpreterBuilder.create_masked_load
-
-    def counting_load(self, ptrs, mask, *rest, **kwargs):
-        addresses = ptrs.data.reshape(-1).astype("int64")
-        keep = mask.data.reshape(-1).astype(bool) if mask is not None else None
-        if keep is not None:
-            addresses = addresses[keep]
-        inside = addresses[(addresses >= base) & (addresses < base + size)]
-        for row in ((inside - base) // row_bytes % T).tolist():
-            rows[row] = rows.get(row, 0) + 1
-        return original(self, ptrs, mask, *rest, **kwargs)
-
-    interpreter.InterpreterBuilder.create_masked_load = counting_load
-    try:
-        yield rows
-    finally:
-        interpreter.InterpreterBuilder.create_masked_load = original
-
-
-def key_elements_loaded(fn, args, key_index=1):
-    """Total number of key elements a Triton kernel loads while ``fn(*args)`` runs under the interpreter, summed
-    over key rows (``args[key_index]`` is k). Divide by a full sweep's count to see how much a causal kernel
-    skips. Needs TRITON_INTERPRET=1."""
-    return run_where_it_lives(fn, _key_elements_loaded_here, args, key_index)
-
-
-def _key_elements_loaded_here(fn, args, key_index):
-    rows = {}
-    with _watch_loads(args[key_index], rows):
-        fn(*args)
-    return sum(rows.values())
-
-
 def check_speed(fn, reference, make_args, *, points, timing=TimingCase(4, 12, 4096, 128), check="check_speed",
                 tol=2.5e-3, tiers=SPEED_TIERS, full_sweep_loads=None):
     """Numerics first, then speed: on a GPU a tier of ``points``; without one, the proxies (reported as such).
@@ -301,7 +260,16 @@ def check_speed(fn, reference, make_args, *, points, timing=TimingCase(4, 12, 40
                                  f"{T * T} for T = {T}: keep memory O(T) (tiles, never the whole weight matrix).")
         note = f"no GPU: speed replaced by proxies: largest allocation {allocated} elements (< T*T = {T * T})"
     if full_sweep_loads:
-        loads = key_elements_loaded(fn, small)
+        counted, count = watched_loads(fn, small, watched=1)
+        counted = counted[0] if isinstance(counted, tuple) else counted
+        if count is None:
+            raise AssertionError(f"{check}: the key tiles your kernel visits are counted by Triton's interpreter, "
+                                 "which is off: set TRITON_INTERPRET=1 before triton is imported.")
+        err = rel_err(counted, want)
+        if not err <= tol:
+            raise AssertionError(f"{check}: while its loads were counted, your op's output differed from sb_ref's "
+                                 f"by {err:.2e} (allowed {tol:.1e}): the output must not depend on being watched.")
+        loads = count.elements
         if loads > 0.75 * full_sweep_loads:
             raise AssertionError(f"{check}: your kernel loads {loads} key elements, {loads / full_sweep_loads:.0%}"
                                  " of a sweep over every key tile: a causal kernel needs only the tiles at or "

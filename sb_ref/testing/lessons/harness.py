@@ -229,14 +229,15 @@ def probe_memory(check, fn, args, case, prerequisite, who, hint, large_args=None
     """Runs ``fn(*args)`` (args = q, k, v, ...: float32, one head): its o must match the oracle (``prerequisite`` is
     the check that tests it), then its memory must stay O(T). Returns one line saying what was measured.
 
-    Under the course's grader, with CPU ``large_args``: measured from outside the learner's process
-    (:func:`~sb_ref.testing.speed.peak_memory`): ``fn(*large_args)`` may take at most half of one T * T float32
-    matrix at its peak, and the notebook may hold at most :data:`HELD_LIMIT` before it. Elsewhere (a notebook, a
-    GPU): no single allocation of ``fn(*args)`` may reach T * T / 8 elements (the dispatch-mode probe)."""
+    Under the course's grader, with ``large_args`` (CPU tensors): measured from outside the learner's process
+    (:func:`~sb_ref.testing.speed.peak_memory`; on a GPU grader in a process without the GPU, Triton interpreted):
+    ``fn(*large_args)`` may take at most half of one T * T float32 matrix at its peak, and the notebook may hold at
+    most :data:`HELD_LIMIT` before it. Elsewhere (a notebook, a grader without cgroups): no single allocation of
+    ``fn(*args)`` may reach T * T / 8 elements (the dispatch-mode probe)."""
     with quiet():
         q, k, v = args[:3]
         T = q.shape[-2]
-        outside = getattr(fn, "measure_memory", None) is not None and large_args is not None and not q.is_cuda
+        outside = getattr(fn, "measure_memory", None) is not None and large_args is not None
         if outside:  # numerics first, where the function lives; the measure only for a correct result
             result = call(check, fn, args, {}, case)
         else:
@@ -245,7 +246,8 @@ def probe_memory(check, fn, args, case, prerequisite, who, hint, large_args=None
         o_ref, _ = oracle_attention(q, k, v)
         compare(check, o, o_ref, TOLERANCE.output[torch.float32], case, what="o",
                 hint=f"the memory check needs a correct result first: pass {prerequisite}.")
-        measured = call(check, peak_memory, (fn, args, large_args), {}, case, label=name_of(fn)) if outside else None
+        warmup = large_args if q.is_cuda else args  # the grader measures on the CPU: large_args are CPU tensors
+        measured = call(check, peak_memory, (fn, warmup, large_args), {}, case, label=name_of(fn)) if outside else None
         if measured is None:
             if outside:  # the grader has no cgroup to measure with: the probe in the function's process
                 result, probe = call(check, probed_call, (fn, args), {}, case, label=name_of(fn))

@@ -8,13 +8,12 @@ transposed and sliced views where the exercise is about strides) on the GPU when
 case, the worst error, where it is, and a hint (masks, strides, the triangle's direction, the carry). A launcher
 that still raises ``NotImplementedError``, or whose kernel does, is "not attempted yet".
 """
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ..core import rel_err
-from ..remote import run_where_it_lives
+from ..loads import watched_loads
 from . import references
 from .harness import TOLERANCE, call, compare, default_device, fmt_case, fmt_index, name_of, quietly, verdict
 
@@ -228,35 +227,6 @@ def check_tile_reverse_cumsum(tile_reverse_cumsum, *, method="scan", seed=0, sha
 _LONG_CASES = ((3, 100, 32), (1, 1, 16), (20, 64, 16), (5, 257, 64), (4, 33, 32), (2, 0, 16), (17, 1000, 128))
 
 
-def _widest_load(fn, args):
-    """The most columns of ``args[0]`` (a contiguous 2-D tensor) that one ``tl.load`` reads while ``fn(*args)``
-    runs under the interpreter, or None without it."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return fn(*args), None
-    from triton.runtime import interpreter
-
-    x = args[0]
-    base, size, itemsize, N = x.data_ptr(), x.untyped_storage().nbytes(), x.element_size(), x.shape[1]
-    widest = [0]
-    original = interpreter.InterpreterBuilder.create_masked_load
-
-    def watching_load(self, ptrs, mask, *rest, **kwargs):
-        addresses = ptrs.data.reshape(-1).astype("int64")
-        if mask is not None:
-            addresses = addresses[mask.data.reshape(-1).astype(bool)]
-        inside = addresses[(addresses >= base) & (addresses < base + size)]
-        if inside.size:
-            widest[0] = max(widest[0], len(set((((inside - base) // itemsize) % N).tolist())))
-        return original(self, ptrs, mask, *rest, **kwargs)
-
-    interpreter.InterpreterBuilder.create_masked_load = watching_load
-    try:
-        result = fn(*args)
-    finally:
-        interpreter.InterpreterBuilder.create_masked_load = original
-    return result, widest[0]
-
-
 @quietly
 def check_long_reverse_cumsum(long_reverse_cumsum, *, seed=0, cases=_LONG_CASES):
     """``long_reverse_cumsum(x, block)`` -> ``out[:, j] = sum_{k > j} x[:, k]`` for x (R, n) of any length n, walking
@@ -293,9 +263,10 @@ def check_long_reverse_cumsum(long_reverse_cumsum, *, seed=0, cases=_LONG_CASES)
     R, n, block = 4, 200, 32
     x = _cumsum_inputs("normal", R, n, seed).to(default_device(), torch.float32)
     case = fmt_case(x=(R, n), block=block, layout="contiguous", values="normal")
-    got, widest = call(check, lambda *args: run_where_it_lives(long_reverse_cumsum, _widest_load, args), (x, block),
-                       {}, case, label=name_of(long_reverse_cumsum))
+    got, count = call(check, watched_loads, (long_reverse_cumsum, (x, block)), {}, case,
+                      label=name_of(long_reverse_cumsum))
     compare(check, got, references.reverse_exclusive(x.cpu().double()), _TOL, case, walk_hint)
+    widest = None if count is None else count.widest
     if widest is not None and widest > block:
         raise AssertionError(
             f"{check}: one tl.load read {widest} columns of x for {case}; the walk loads at most block = {block} "

@@ -164,7 +164,9 @@ def check_median_ms(median_ms, *, seed=0):
         case = f"warmup={warmup}, reps={reps}; a fake fn whose warm-up calls take {warmup_ms:g} ms and whose timed calls " \
                f"take {', '.join(f'{t:g}' for t in timed)} ms"
         try:
+            start = time.perf_counter()  # this process's clock, around the whole trial wherever it runs
             value, n_calls, args_ok = run_where_it_lives(median_ms, _sleep_trial, warmup_ms, timed, warmup, reps)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
         except NotImplementedError:
             raise not_attempted(check, f"`{name_of(median_ms)}`") from None
         except Exception as exc:
@@ -173,6 +175,11 @@ def check_median_ms(median_ms, *, seed=0):
             raise AssertionError(f"{check}: fn was called {n_calls} times, expected warmup + reps = {warmup + reps}\n"
                                  f"  case: {case}\n  hint: call fn(*args) `warmup` times without timing them, then "
                                  "`reps` times, timing each call.")
+        asleep_ms = warmup * warmup_ms + sum(timed[i % len(timed)] for i in range(reps))
+        if elapsed_ms < 0.95 * asleep_ms:  # what the trial reported about itself is contradicted by the clock
+            raise AssertionError(f"{check}: the trial took {elapsed_ms:.0f} ms, but warmup + reps = {warmup + reps} "
+                                 f"calls of fn sleep {asleep_ms:.0f} ms in all: fn was not called that many times\n"
+                                 f"  case: {case}")
         if not args_ok:
             raise AssertionError(f"{check}: fn did not get the arguments passed to median_ms\n  case: {case}\n"
                                  "  hint: call fn(*args) every time.")
