@@ -71,6 +71,9 @@ ALLOWED = {
     "09_capstone": "the rest of `sb_ref`, `StickBreakingSelfAttention` included",
 }
 
+# Lessons whose checks count a kernel's loads (sb_ref.testing.loads): on a CPU those kernels are run again on their own.
+LOADS_COUNTED = ("05_triton_primer", "08_performance")
+
 
 class LibraryCallRefused(RuntimeError):
     """Raised, in the learner's sandbox, by a library function that the lesson asks the learner to write."""
@@ -159,6 +162,10 @@ def what_you_may_use(lesson):
     listed = refused[0] if len(refused) == 1 else ", ".join(refused[:-1]) + " and " + refused[-1]
     verb = "is a stub" if len(refused) == 1 else "are stubs"
     allowed = f" You may also call {ALLOWED[lesson]}." if lesson in ALLOWED else ""
+    if lesson in LOADS_COUNTED:
+        allowed += (" Your Triton kernels stay plain `@triton.jit` functions: on a CPU the grader counts their loads by "
+                    "running them again on their own, which accepts `tl`, your other kernels and number constants, "
+                    "nothing else of the notebook.")
     return (f"**What your code may use.** While graded, this notebook runs in a sandbox where {listed} {verb}: an "
             "exercise answered by calling them earns no points, and its message says so. Use numpy, PyTorch and "
             "Triton, your own functions from this and earlier lessons, and of `sb_ref.testing`: `make_inputs`, "
