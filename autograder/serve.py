@@ -9,6 +9,7 @@ between calls: the autograd graph of each call whose inputs need gradients (for 
 objects that cannot travel (a module, a generator, ...), which go to the grader as handles.
 """
 import importlib
+import os
 
 import torch
 
@@ -16,6 +17,28 @@ from .wire import REMOTE, load, send_answer, tensors_in
 
 _graphs = {}  # call id -> (inputs that need gradients, differentiable outputs), kept for the backward
 _objects = {}  # handle -> an object of the learner's that cannot travel (a module, a generator, ...)
+
+
+def _interpreter_indexes_one_element_blocks():
+    """Under TRITON_INTERPRET=1, make a one-element block usable as an index (``range(tl.cdiv(...))``), as the
+    compiler and Triton >= 3.7's interpreter allow (the same ``__index__`` as 3.7's). Triton 3.6's interpreter
+    calls ``int()`` on the block's one-dimensional array, which numpy >= 2.4 refuses; a GPU grader runs its outside
+    memory measure in that interpreter, and a kernel the GPU compiles must not fail there."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_interpreter_indexes_one_element_blocks()
 
 
 def _error(exc):
