@@ -1,8 +1,9 @@
 """Registers, spills and instruction mix of each kernel compiled for an H100 (sm_90), on any machine.
 
-    python benchmarks/compile_report.py [--dims 128,64] [--kernels fwd,dq,dkdv] [--out DIR]
+    python benchmarks/compile_report.py [--dims 128,64] [--kernels fwd,dq,dkdv,hopper_fwd] [--out DIR]
 
-No GPU needed: the kernels of kernels/forward.py and kernels/backward.py are compiled with `triton.compile` for
+No GPU needed: the kernels of kernels/forward.py and kernels/backward.py (and the Gluon forward of
+kernels/hopper_forward.py, hopper_fwd, when asked for) are compiled with `triton.compile` for
 `GPUTarget("cuda", 90, 32)`, with the tiles of the default LaunchConfig for bfloat16 inputs (so the backward's operands are the
 float16 copies it makes), and the ptxas and nvdisasm that ship with triton report on the result. Per kernel:
 registers, spill bytes, and counts of the SASS instructions that decide speed here: HGMMA (Hopper's wgmma
@@ -10,7 +11,8 @@ tensor-core path) against HMMA (the older one), MUFU (the special-function unit:
 (FFMA, FADD, FMUL, FMNMX, FSEL, FSETP), bit logic (LOP3: also the sign flips the compiler could not fold into
 an FMA), conversions and packs (F2F, F2FP), local memory (LDL, STL: spills), and whether ptxas serialized the
 kernel's wgmma products (its warning C7515: each product then waits for the one before; a reduction in a loop's
-condition did it once here).
+condition did it once here), and how many of the kernel's waits for products leave one in flight (a
+`wgmma.wait_group` of 1 or more in the PTX: the overlap the Gluon forward is built for).
 Counts are static (the whole kernel, both the diagonal and the off-diagonal loop), to compare versions, not to
 time them. The triton version here may differ from a GPU machine's; `--out` keeps PTX and SASS for reading.
 
@@ -40,6 +42,7 @@ import torch  # noqa: E402
 from sb_ref.kernels import LaunchConfig  # noqa: E402
 from sb_ref.kernels.backward import dkdv_kernel, dq_kernel  # noqa: E402
 from sb_ref.kernels.forward import forward_kernel  # noqa: E402
+from sb_ref.kernels.hopper_forward import SLOTS, hopper_forward_kernel, shared_layouts  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "LOP3", "F2F", "F2FP", "LDL", "STL"]
@@ -51,11 +54,40 @@ POINTERS = {
     "dkdv": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", DELTA="fp32", TW="fp32", TR="fp32", DK="bf16",
                  DV_="bf16", MB_STOP="i32", CU="i32", SC="fp32"),
 }
-KERNELS = {"fwd": forward_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel}
+KERNELS = {"fwd": forward_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel, "hopper_fwd": hopper_forward_kernel}
+POINTERS["hopper_fwd"] = dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", SC="fp32")
+HOPPER_TILE = (64, 32, 4)  # BLOCK_M, BLOCK_N, warps: hopper_forward's launch
+
+
+def compile_hopper_forward(dim):
+    """The Gluon forward (kernels/hopper_forward.py) as hopper_forward launches it for bfloat16 inputs."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    block_m, block_n, warps = HOPPER_TILE
+    values = dict(D=dim, ATTEND_CURRENT=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                  **shared_layouts(torch.bfloat16, block_m, block_n, dim))
+    fn = hopper_forward_kernel
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[arg], constexprs[arg] = "constexpr", values[arg]
+        elif arg in POINTERS["hopper_fwd"]:
+            signature[arg] = "*" + POINTERS["hopper_fwd"][arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("s_") or arg == "T":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=warps))
+    return compiled, (block_m, block_n, warps, SLOTS.value, None)
 
 
 def compile_kernel(name, dim, config=LaunchConfig()):
     """triton.compile of one kernel as a launch with bfloat16 inputs of head dim `dim` would specialise it."""
+    if name == "hopper_fwd":
+        return compile_hopper_forward(dim)
     fn = KERNELS[name]
     tile = getattr(config.gpu.tiles(dim, torch.bfloat16), name)
     values = dict(D=dim, DV=dim, BLOCK_D=dim, BLOCK_DV=dim, VARLEN=False, ATTEND_CURRENT=False, UPCAST=False,
@@ -88,7 +120,8 @@ def compile_kernel(name, dim, config=LaunchConfig()):
 
 
 def report(compiled):
-    """(registers, spill store bytes, wgmma serialized, Counter of SASS opcodes, SASS text) of a compiled kernel."""
+    """(registers, spill store bytes, wgmma serialized, waits that leave a product in flight, Counter of SASS
+    opcodes, SASS text) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -105,9 +138,10 @@ def report(compiled):
     registers = int(re.search(r"Used (\d+) registers", ptxas).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", ptxas).group(1))
     serialized = "C7515" in ptxas
+    in_flight = len(re.findall(r"wgmma\.wait_group\.sync\.aligned [1-9]", compiled.asm["ptx"]))
     ops = collections.Counter(m.group(1).split(".")[0] for m in
                               re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M))
-    return registers, spills, serialized, ops, sass
+    return registers, spills, serialized, in_flight, ops, sass
 
 
 TENSOR_FLOPS_PER_CLOCK = 4096  # H100 SXM, dense float16 / bfloat16, per SM
@@ -145,13 +179,13 @@ def main():
     print(f"triton {triton.__version__}, sm_90, bfloat16 inputs; static instruction counts")
     loops = []
     print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages, maxnreg) | registers | spill bytes | "
-          "wgmma serialized | " + " | ".join(OPS) + " |")
-    print("|---" * (6 + len(OPS)) + "|")
+          "wgmma serialized | in-flight waits | " + " | ".join(OPS) + " |")
+    print("|---" * (7 + len(OPS)) + "|")
     for dim in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
             compiled, tiles = compile_kernel(name, dim)
-            registers, spills, serialized, ops, sass = report(compiled)
-            print(f"| {name} | {dim} | {tiles} | {registers} | {spills} | {'yes' if serialized else 'no'} | "
+            registers, spills, serialized, in_flight, ops, sass = report(compiled)
+            print(f"| {name} | {dim} | {tiles} | {registers} | {spills} | {'yes' if serialized else 'no'} | {in_flight} | "
                   + " | ".join(str(ops[o]) for o in OPS) + " |", flush=True)
             loops.append((name, dim, tiles, hot_loop(sass)))
             if args.out:

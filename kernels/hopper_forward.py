@@ -1,0 +1,204 @@
+"""The Hopper forward (sm_90), in Triton's Gluon dialect: kernels/forward.py's walk with its tensor-core products
+asynchronous (wgmma), so that each tile's elementwise work runs while a product is in flight.
+
+The tile math is forward.py's: base-2 logits z = log2(e) * scale * q.k, log-sigmoids from one exp2 and a
+polynomial log1p, the in-tile reverse cumsum of log2(1 - beta) as two float16 products with a 0/1 triangle, and
+A = 2^(log2 beta + S + cumsum) into o as a float16 product with v's float16 copy (operands.forward_table). What
+changes is the order. wgmma groups complete in issue order, so one warpgroup overlaps work with products by
+issuing each product as early as its inputs allow and waiting for it as late as its result allows:
+
+    tile j:   log-sigmoids of z_j            while  o += A_{j-1} v_{j-1}   runs
+              issue cumsum_j (2 products), then z_{j+1} = q k_{j+1}^T
+              wait cumsum_j                  (o's product, older, is done too)
+              A_j = 2^(...), S += ...        while  z_{j+1}               runs
+              issue o += A_j v_j,  wait z_{j+1}
+
+Keys and values stream into a ring of three shared-memory slots by cp.async, two tiles ahead: a slot is refilled
+once the product that read it (o's, of the tile before) is done.
+
+It covers the walk without early exit for 16-bit inputs with the same head dim for q, k and v (64 or 128), GQA and
+attend_current; the `tl` kernels remain the path for everything else. Gluon does not run in Triton's interpreter:
+tests/test_hopper.py compiles it for sm_90 on any machine and runs it on a Hopper GPU.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia import hopper
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma, \
+    warpgroup_mma_wait
+
+from .forward import FWD_V_SCALE
+from .operands import forward_table
+
+LOG2E = gl.constexpr(1.4426950408889634)
+SLOTS = gl.constexpr(3)  # the ring of key and value tiles in shared memory
+
+
+@gluon.jit
+def _log_sigmoids(z):
+    """(log2 beta, log2(1 - beta)) of base-2 logits: tile_math.log_sigmoids with its short (16-bit) polynomial."""
+    e = gl.exp2(-gl.abs(z))
+    p = e * 0.033822045969008445 - 0.14447109569887714
+    p = p * e + 0.30163800973506666
+    p = p * e - 0.46865887914367604
+    p = p * e + 0.7203587726757784
+    p = p * e - 1.4426814680651523
+    nl1p = e * p
+    return gl.minimum(z, 0.0) + nl1p, nl1p - gl.maximum(z, 0.0)
+
+
+@gluon.jit
+def _load_kv(K, V, k_ring, v_ring, slot, kb, s_kt, s_vt, T, BLOCK_N: gl.constexpr, D: gl.constexpr,
+             LOAD: gl.constexpr):
+    """cp.async of key block kb of K and V into a slot of the rings, as one commit group; rows outside [0, T) (and
+    a kb < 0, past the start) arrive as zeros."""
+    o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
+    m_n = gl.expand_dims((o_n >= 0) & (o_n < T), 1) & gl.expand_dims(o_d < D, 0)
+    o_n2 = gl.expand_dims(o_n, 1)
+    o_d2 = gl.expand_dims(o_d, 0)
+    async_copy.async_copy_global_to_shared(k_ring.index(slot), K + o_n2 * s_kt + o_d2, mask=m_n)
+    async_copy.async_copy_global_to_shared(v_ring.index(slot), V + o_n2 * s_vt + o_d2, mask=m_n)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_kt, s_v0, s_v1, s_vt, s_o0, s_o1,
+                          s_ot, scale, T, H, GROUP, D: gl.constexpr, ATTEND_CURRENT: gl.constexpr,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, Q_SMEM: gl.constexpr,
+                          K_SMEM: gl.constexpr, V_SMEM: gl.constexpr, A_SMEM: gl.constexpr, TRI_SMEM: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """o and rem of one query block, one warpgroup (BLOCK_M = 64). The *_SMEM are the shared layouts of each
+    operand (hopper_forward picks them); s_* the strides of batch, head and time (the dim's stride is 1)."""
+    S_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    O_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_MMA, k_width=2)
+    LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
+                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    ROWS: gl.constexpr = gl.SliceLayout(1, S_MMA)
+    COLS: gl.constexpr = gl.SliceLayout(0, S_MMA)
+
+    i_bh = gl.program_id(0)
+    i_m = gl.num_programs(1) - 1 - gl.program_id(1)  # heaviest blocks first
+    i_b = i_bh // H
+    i_h = i_bh % H
+    m0 = i_m * BLOCK_M
+    nb_hi = gl.cdiv(gl.minimum(m0 + BLOCK_M, T), BLOCK_N)
+    n_masked = nb_hi - gl.minimum(m0 // BLOCK_N, nb_hi)  # the key blocks that cross the diagonal
+    qk_scale = scale * LOG2E
+    Q += i_b.to(gl.int64) * s_q0 + i_h.to(gl.int64) * s_q1
+    K += i_b.to(gl.int64) * s_k0 + (i_h // GROUP).to(gl.int64) * s_k1
+    V += i_b.to(gl.int64) * s_v0 + (i_h // GROUP).to(gl.int64) * s_v1
+    O += i_b.to(gl.int64) * s_o0 + i_h.to(gl.int64) * s_o1
+    REM += (i_b * H + i_h).to(gl.int64) * T
+    SC += (i_b * (H // GROUP) + i_h // GROUP) * 2
+
+    # shared memory: q, the rings of k and v, A's tile, the triangle of the in-tile cumsum
+    o_qm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
+    o_qd = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
+    b_q = gl.load(Q + gl.expand_dims(o_qm, 1) * s_qt + gl.expand_dims(o_qd, 0),
+                  mask=gl.expand_dims(o_qm < T, 1) & gl.expand_dims(o_qd < D, 0), other=0.0)
+    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], Q_SMEM, b_q)
+    k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [SLOTS, BLOCK_N, D], K_SMEM)
+    v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [SLOTS, BLOCK_N, D], V_SMEM)
+    a_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, BLOCK_N], A_SMEM)
+    o_tk = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
+    o_tj = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LOAD))
+    tri = (gl.expand_dims(o_tk, 1) > gl.expand_dims(o_tj, 0)).to(gl.float16)  # [k, j] = 1 where k is nearer
+    tri_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_N, BLOCK_N], TRI_SMEM, tri)
+
+    _load_kv(K, V, k_ring, v_ring, 0, nb_hi - 1, s_kt, s_vt, T, BLOCK_N, D, LOAD)
+    _load_kv(K, V, k_ring, v_ring, 1, nb_hi - 2, s_kt, s_vt, T, BLOCK_N, D, LOAD)
+    async_copy.wait_group(1)
+    fence_async_shared()
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_MMA)
+    b_z = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    b_z = warpgroup_mma_wait(0, deps=(b_z,))
+
+    o_m = m0 + gl.arange(0, BLOCK_M, layout=ROWS)
+    b_o = hopper.warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, O_MMA))
+    b_s = gl.zeros([BLOCK_M], gl.float32, ROWS)
+    for it in range(0, nb_hi):
+        kb = nb_hi - 1 - it
+        # log-sigmoids of this tile (the product of the tile before still runs)
+        b_lb, b_lom = _log_sigmoids(b_z * qk_scale)
+        if it < n_masked:
+            o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=COLS)
+            if ATTEND_CURRENT:
+                m_vis = gl.expand_dims(o_n, 0) <= gl.expand_dims(o_m, 1)
+            else:
+                m_vis = gl.expand_dims(o_n, 0) < gl.expand_dims(o_m, 1)
+            b_lom = gl.where(m_vis, b_lom, 0.0)
+            b_lb = gl.where(m_vis, b_lb, float("-inf"))  # A = 0 where a key is not visible
+        # the in-tile cumsum over the nearer keys: log2(1 - beta) >= -6e4 as float16 hi + lo, two products
+        b_lc = gl.maximum(b_lom, -60000.0)
+        b_hi = b_lc.to(gl.float16)
+        b_lo = (b_lc - b_hi.to(gl.float32)).to(gl.float16)
+        b_hi = gl.convert_layout(b_hi, A_OP)
+        b_lo = gl.convert_layout(b_lo, A_OP)
+        b_c = warpgroup_mma(b_hi, tri_smem, zero_s, use_acc=False, is_async=True)
+        b_c = warpgroup_mma(b_lo, tri_smem, b_c, is_async=True)
+        # the next tile's logits go in behind it
+        async_copy.wait_group(0)
+        fence_async_shared()
+        slot = (it + 1) % SLOTS
+        b_zn = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        b_c, b_o, b_hi, b_lo = warpgroup_mma_wait(1, deps=(b_c, b_o, b_hi, b_lo))
+        # o's product of the tile before is done: its slot takes the tile after next
+        _load_kv(K, V, k_ring, v_ring, (it + 2) % SLOTS, kb - 2, s_kt, s_vt, T, BLOCK_N, D, LOAD)
+        # the weights, while the next logits are computed
+        b_a = gl.exp2(b_lb + (gl.expand_dims(b_s, 1) + b_c))
+        b_s += gl.sum(b_lom, axis=1)
+        a_smem.store(b_a.to(gl.float16))
+        fence_async_shared()
+        b_o = warpgroup_mma(a_smem, v_ring.index(it % SLOTS), b_o, is_async=True)
+        b_z = warpgroup_mma_wait(1, deps=(b_zn,))
+    b_o = warpgroup_mma_wait(0, deps=(b_o,))
+    async_copy.wait_group(0)
+
+    # v may be a float16 copy scaled by a power of two: undo the scale
+    b_o = b_o * gl.load(SC + FWD_V_SCALE)
+    o_om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, O_MMA))
+    o_od = gl.arange(0, D, layout=gl.SliceLayout(0, O_MMA))
+    gl.store(O + gl.expand_dims(o_om, 1) * s_ot + gl.expand_dims(o_od, 0), b_o.to(O.dtype.element_ty),
+             mask=gl.expand_dims(o_om < T, 1) & gl.expand_dims(o_od < D, 0))
+    gl.store(REM + o_m, gl.exp2(b_s), mask=o_m < T)
+
+
+def shared_layouts(dtype, block_m, block_n, d):
+    """The shared layouts of q, k, v, A and the triangle (NVMMA swizzles that wgmma reads directly)."""
+    gdtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
+    return dict(Q_SMEM=gl.NVMMASharedLayout.get_default_for([block_m, d], gdtype),
+                K_SMEM=gl.NVMMASharedLayout.get_default_for([block_n, d], gdtype),
+                V_SMEM=gl.NVMMASharedLayout.get_default_for([block_n, d], gl.float16),
+                A_SMEM=gl.NVMMASharedLayout.get_default_for([block_m, block_n], gl.float16),
+                TRI_SMEM=gl.NVMMASharedLayout.get_default_for([block_n, block_n], gl.float16))
+
+
+def hopper_covers(q, k, v, cu_seqlens=None):
+    """Whether the Hopper forward takes this call: an sm_90 GPU, 16-bit inputs, one head dim of 64 or 128 for q, k
+    and v, whole sequences (no cu_seqlens), unit stride along the head dim."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and cu_seqlens is None
+            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] in (64, 128)
+            and all(x.stride(-1) == 1 for x in (q, k, v)))
+
+
+def hopper_forward(q, k, v, scale, attend_current, block_n=32):
+    """(o, rem) of q (B, H, T, D), k and v (B, Hk, T, D) on a Hopper GPU (hopper_covers), walking every key."""
+    B, H, T, D = q.shape
+    o = torch.empty_like(q)
+    rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    v_op, table = forward_table(v, copy=v.dtype == torch.bfloat16)
+    block_m = 64
+    grid = (B * H, triton.cdiv(T, block_m))
+    if T == 0 or B * H == 0:
+        return o, rem
+    hopper_forward_kernel[grid](q, k, v_op, o, rem, table, *q.stride()[:3], *k.stride()[:3], *v_op.stride()[:3],
+                                *o.stride()[:3], float(scale), T, H, H // k.shape[1], D=D,
+                                ATTEND_CURRENT=bool(attend_current), BLOCK_M=block_m, BLOCK_N=block_n,
+                                **shared_layouts(q.dtype, block_m, block_n, D), num_warps=4)
+    return o, rem
