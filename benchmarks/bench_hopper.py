@@ -25,7 +25,7 @@ from sb_ref.kernels import LaunchConfig, stick_breaking_attention_triton  # noqa
 from sb_ref.kernels.hopper_forward import hopper_forward  # noqa: E402
 
 
-def implementations(q, k, v):
+def implementations(q, k, v, variants):
     from torch.nn.attention import SDPBackend
     scale = q.shape[-1] ** -0.5
     off = LaunchConfig(early_exit=False)
@@ -33,7 +33,9 @@ def implementations(q, k, v):
             ("cudnn", sdpa_fwd(q, k, v, SDPBackend.CUDNN_ATTENTION)),
             ("sb tl, exit on", lambda: stick_breaking_attention_triton(q, k, v, scale, False)[0]),
             ("sb tl, exit off", lambda: stick_breaking_attention_triton(q, k, v, scale, False, config=off)[0]),
-            ("sb hopper", lambda: hopper_forward(q, k, v, scale, False)[0])]
+            ("sb hopper", lambda: hopper_forward(q, k, v, scale, False)[0])] + \
+        [(f"sb hopper, block_n {n}, maxnreg {r}{'' if o else ', synchronous'}",
+          lambda n=n, r=r, o=o: hopper_forward(q, k, v, scale, False, n, r, o)[0]) for n, r, o in variants]
 
 
 def main():
@@ -41,7 +43,11 @@ def main():
     ap.add_argument("--out", default=None, help="Markdown file to write")
     ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
     ap.add_argument("--regimes", default="long,random")
+    ap.add_argument("--variants", default="", help="more Hopper launches to time, e.g. 32:168,64:none,32:none:sync "
+                                                    "(block_n:maxnreg[:sync], sync: without the overlap)")
     args = ap.parse_args()
+    variants = [(int(v[0]), None if v[1] == "none" else int(v[1]), v[2:] != ["sync"]) for v in
+                (x.split(":") for x in args.variants.split(",") if x)]
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     warm_up_gpu()
     lines = [f"# Hopper forward: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -54,7 +60,7 @@ def main():
                 q, k, v = (x.detach() for x in inputs(B, H, T, D, regime=regime))
                 flops = 2 * B * H * T * T * D
                 times = {}
-                for name, fn in implementations(q, k, v):
+                for name, fn in implementations(q, k, v, variants):
                     try:
                         times[name] = ms(fn)
                     except Exception as e:  # a backend this build lacks

@@ -59,11 +59,11 @@ POINTERS["hopper_fwd"] = dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32"
 HOPPER_TILE = (64, 32, 4)  # BLOCK_M, BLOCK_N, warps: hopper_forward's launch
 
 
-def compile_hopper_forward(dim):
+def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None):
     """The Gluon forward (kernels/hopper_forward.py) as hopper_forward launches it for bfloat16 inputs."""
     from triton.experimental.gluon._runtime import GluonASTSource
-    block_m, block_n, warps = HOPPER_TILE
-    values = dict(D=dim, ATTEND_CURRENT=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    block_m, _, warps = HOPPER_TILE
+    values = dict(D=dim, ATTEND_CURRENT=False, BLOCK_M=block_m, BLOCK_N=block_n, OVERLAP=True, num_warps=warps,
                   **shared_layouts(torch.bfloat16, block_m, block_n, dim))
     fn = hopper_forward_kernel
     signature, constexprs, attrs = {}, {}, {}
@@ -80,8 +80,8 @@ def compile_hopper_forward(dim):
             if arg.startswith("s_") or arg == "T":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps))
-    return compiled, (block_m, block_n, warps, SLOTS.value, None)
+                              options=dict(num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg))))
+    return compiled, (block_m, block_n, warps, SLOTS.value, maxnreg)
 
 
 def compile_kernel(name, dim, config=LaunchConfig()):

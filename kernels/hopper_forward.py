@@ -68,9 +68,11 @@ def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_k
                           s_ot, scale, T, H, GROUP, D: gl.constexpr, ATTEND_CURRENT: gl.constexpr,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, Q_SMEM: gl.constexpr,
                           K_SMEM: gl.constexpr, V_SMEM: gl.constexpr, A_SMEM: gl.constexpr, TRI_SMEM: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """o and rem of one query block, one warpgroup (BLOCK_M = 64). The *_SMEM are the shared layouts of each
-    operand (hopper_forward picks them); s_* the strides of batch, head and time (the dim's stride is 1)."""
+    operand (hopper_forward picks them); s_* the strides of batch, head and time (the dim's stride is 1). Without
+    OVERLAP every wait waits for all products issued (the same work, synchronous: the overlap's ablation)."""
+    IN_FLIGHT: gl.constexpr = 1 if OVERLAP else 0
     S_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BLOCK_N, 16])
     O_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -146,7 +148,7 @@ def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_k
         fence_async_shared()
         slot = (it + 1) % SLOTS
         b_zn = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        b_c, b_o, b_hi, b_lo = warpgroup_mma_wait(1, deps=(b_c, b_o, b_hi, b_lo))
+        b_c, b_o, b_hi, b_lo = warpgroup_mma_wait(IN_FLIGHT, deps=(b_c, b_o, b_hi, b_lo))
         # o's product of the tile before is done: its slot takes the tile after next
         _load_kv(K, V, k_ring, v_ring, (it + 2) % SLOTS, kb - 2, s_kt, s_vt, T, BLOCK_N, D, LOAD)
         # the weights, while the next logits are computed
@@ -155,7 +157,7 @@ def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_k
         a_smem.store(b_a.to(gl.float16))
         fence_async_shared()
         b_o = warpgroup_mma(a_smem, v_ring.index(it % SLOTS), b_o, is_async=True)
-        b_z = warpgroup_mma_wait(1, deps=(b_zn,))
+        b_z = warpgroup_mma_wait(IN_FLIGHT, deps=(b_zn,))
     b_o = warpgroup_mma_wait(0, deps=(b_o,))
     async_copy.wait_group(0)
 
@@ -187,8 +189,10 @@ def hopper_covers(q, k, v, cu_seqlens=None):
             and all(x.stride(-1) == 1 for x in (q, k, v)))
 
 
-def hopper_forward(q, k, v, scale, attend_current, block_n=32):
-    """(o, rem) of q (B, H, T, D), k and v (B, Hk, T, D) on a Hopper GPU (hopper_covers), walking every key."""
+def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, overlap=True):
+    """(o, rem) of q (B, H, T, D), k and v (B, Hk, T, D) on a Hopper GPU (hopper_covers), walking every key.
+    block_n: keys per tile; maxnreg caps the registers per thread (ptxas), for more programs per SM; overlap=False
+    waits for every product right away (the ablation)."""
     B, H, T, D = q.shape
     o = torch.empty_like(q)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -200,5 +204,7 @@ def hopper_forward(q, k, v, scale, attend_current, block_n=32):
     hopper_forward_kernel[grid](q, k, v_op, o, rem, table, *q.stride()[:3], *k.stride()[:3], *v_op.stride()[:3],
                                 *o.stride()[:3], float(scale), T, H, H // k.shape[1], D=D,
                                 ATTEND_CURRENT=bool(attend_current), BLOCK_M=block_m, BLOCK_N=block_n,
-                                **shared_layouts(q.dtype, block_m, block_n, D), num_warps=4)
+                                OVERLAP=bool(overlap),
+                                **shared_layouts(q.dtype, block_m, block_n, D), num_warps=4,
+                                **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return o, rem
