@@ -34,8 +34,8 @@ def implementations(q, k, v, variants):
             ("sb tl, exit on", lambda: stick_breaking_attention_triton(q, k, v, scale, False)[0]),
             ("sb tl, exit off", lambda: stick_breaking_attention_triton(q, k, v, scale, False, config=off)[0]),
             ("sb hopper", lambda: hopper_forward(q, k, v, scale, False)[0])] + \
-        [(f"sb hopper, block_n {n}, maxnreg {r}{'' if o else ', synchronous'}",
-          lambda n=n, r=r, o=o: hopper_forward(q, k, v, scale, False, n, r, o)[0]) for n, r, o in variants]
+        [(f"sb hopper, block_n {n}, maxnreg {r}{'' if o else ', synchronous'}{', A in registers' if a else ''}",
+          lambda n=n, r=r, o=o, a=a: hopper_forward(q, k, v, scale, False, n, r, o, a)[0]) for n, r, o, a in variants]
 
 
 def main():
@@ -43,10 +43,11 @@ def main():
     ap.add_argument("--out", default=None, help="Markdown file to write")
     ap.add_argument("--shapes", default=None, help="e.g. 4,12,4096,128;8,16,4096,64")
     ap.add_argument("--regimes", default="long,random")
-    ap.add_argument("--variants", default="", help="more Hopper launches to time, e.g. 32:168,64:none,32:none:sync "
-                                                    "(block_n:maxnreg[:sync], sync: without the overlap)")
+    ap.add_argument("--variants", default="", help="more Hopper launches to time, e.g. 32:168,32:none:sync,32:168:reg "
+                                                    "(block_n:maxnreg[:sync][:reg]; sync: without the overlap, reg: A "
+                                                    "from registers)")
     args = ap.parse_args()
-    variants = [(int(v[0]), None if v[1] == "none" else int(v[1]), v[2:] != ["sync"]) for v in
+    variants = [(int(v[0]), None if v[1] == "none" else int(v[1]), "sync" not in v[2:], "reg" in v[2:]) for v in
                 (x.split(":") for x in args.variants.split(",") if x)]
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     warm_up_gpu()

@@ -59,11 +59,12 @@ POINTERS["hopper_fwd"] = dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32"
 HOPPER_TILE = (64, 32, 4)  # BLOCK_M, BLOCK_N, warps: hopper_forward's launch
 
 
-def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None):
+def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None, a_in_registers=False):
     """The Gluon forward (kernels/hopper_forward.py) as hopper_forward launches it for bfloat16 inputs."""
     from triton.experimental.gluon._runtime import GluonASTSource
     block_m, _, warps = HOPPER_TILE
-    values = dict(D=dim, ATTEND_CURRENT=False, BLOCK_M=block_m, BLOCK_N=block_n, OVERLAP=True, num_warps=warps,
+    values = dict(D=dim, ATTEND_CURRENT=False, BLOCK_M=block_m, BLOCK_N=block_n, OVERLAP=True,
+                  A_IN_REGISTERS=a_in_registers, num_warps=warps,
                   **shared_layouts(torch.bfloat16, block_m, block_n, dim))
     fn = hopper_forward_kernel
     signature, constexprs, attrs = {}, {}, {}

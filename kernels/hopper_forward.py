@@ -64,24 +64,74 @@ def _load_kv(K, V, k_ring, v_ring, slot, kb, s_kt, s_vt, T, BLOCK_N: gl.constexp
 
 
 @gluon.jit
+def _tile(it, nb_hi, b_z, b_o, b_s, b_ap, q_smem, k_ring, v_ring, a_smem, tri_smem, zero_s, o_m, K, V, s_kt, s_vt, T,
+          qk_scale, MASKED: gl.constexpr, ATTEND_CURRENT: gl.constexpr, A_IN_REGISTERS: gl.constexpr,
+          IN_FLIGHT: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, LOAD: gl.constexpr, A_OP: gl.constexpr,
+          AV_OP: gl.constexpr):
+    """Tile it of the walk (key block nb_hi - 1 - it): takes its logits b_z, issues the next tile's, and returns
+    (the next logits, o's accumulator with this tile's product in flight, S, A's operand)."""
+    kb = nb_hi - 1 - it
+    # log-sigmoids of this tile (the product of the tile before still runs)
+    b_lb, b_lom = _log_sigmoids(b_z * qk_scale)
+    if MASKED:
+        o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
+        if ATTEND_CURRENT:
+            m_vis = gl.expand_dims(o_n, 0) <= gl.expand_dims(o_m, 1)
+        else:
+            m_vis = gl.expand_dims(o_n, 0) < gl.expand_dims(o_m, 1)
+        b_lom = gl.where(m_vis, b_lom, 0.0)
+        b_lb = gl.where(m_vis, b_lb, float("-inf"))  # A = 0 where a key is not visible
+    # the in-tile cumsum over the nearer keys: log2(1 - beta) >= -6e4 as float16 hi + lo, two products
+    b_lc = gl.maximum(b_lom, -60000.0)
+    b_hi = b_lc.to(gl.float16)
+    b_lo = (b_lc - b_hi.to(gl.float32)).to(gl.float16)
+    b_hi = gl.convert_layout(b_hi, A_OP)
+    b_lo = gl.convert_layout(b_lo, A_OP)
+    b_c = warpgroup_mma(b_hi, tri_smem, zero_s, use_acc=False, is_async=True)
+    b_c = warpgroup_mma(b_lo, tri_smem, b_c, is_async=True)
+    # the next tile's logits go in behind it
+    async_copy.wait_group(0)
+    fence_async_shared()
+    b_zn = warpgroup_mma(q_smem, k_ring.index((it + 1) % SLOTS).permute((1, 0)), zero_s, use_acc=False,
+                         is_async=True)
+    b_c, b_o, b_hi, b_lo, b_ap = warpgroup_mma_wait(IN_FLIGHT, deps=(b_c, b_o, b_hi, b_lo, b_ap))
+    # o's product of the tile before is done: its slot takes the tile after next
+    _load_kv(K, V, k_ring, v_ring, (it + 2) % SLOTS, kb - 2, s_kt, s_vt, T, BLOCK_N, D, LOAD)
+    # the weights, while the next logits are computed
+    b_a = gl.exp2(b_lb + (gl.expand_dims(b_s, 1) + b_c))
+    b_s += gl.sum(b_lom, axis=1)
+    if A_IN_REGISTERS:
+        b_ap = gl.convert_layout(b_a.to(gl.float16), AV_OP)
+        b_o = warpgroup_mma(b_ap, v_ring.index(it % SLOTS), b_o, is_async=True)
+    else:
+        a_smem.store(b_a.to(gl.float16))
+        fence_async_shared()
+        b_o = warpgroup_mma(a_smem, v_ring.index(it % SLOTS), b_o, is_async=True)
+    b_z = warpgroup_mma_wait(IN_FLIGHT, deps=(b_zn,))
+    return b_z, b_o, b_s, b_ap
+
+
+@gluon.jit
 def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_kt, s_v0, s_v1, s_vt, s_o0, s_o1,
                           s_ot, scale, T, H, GROUP, D: gl.constexpr, ATTEND_CURRENT: gl.constexpr,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, Q_SMEM: gl.constexpr,
                           K_SMEM: gl.constexpr, V_SMEM: gl.constexpr, A_SMEM: gl.constexpr, TRI_SMEM: gl.constexpr,
-                          OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+                          OVERLAP: gl.constexpr, A_IN_REGISTERS: gl.constexpr, num_warps: gl.constexpr):
     """o and rem of one query block, one warpgroup (BLOCK_M = 64). The *_SMEM are the shared layouts of each
     operand (hopper_forward picks them); s_* the strides of batch, head and time (the dim's stride is 1). Without
-    OVERLAP every wait waits for all products issued (the same work, synchronous: the overlap's ablation)."""
+    OVERLAP every wait waits for all products issued (the same work, synchronous: the overlap's ablation). With
+    A_IN_REGISTERS, A enters its product from registers (kept alive until that product is waited for) instead of
+    through shared memory."""
     IN_FLIGHT: gl.constexpr = 1 if OVERLAP else 0
     S_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BLOCK_N, 16])
     O_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, D, 16])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_MMA, k_width=2)
+    AV_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_MMA, k_width=2)
     LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     ROWS: gl.constexpr = gl.SliceLayout(1, S_MMA)
-    COLS: gl.constexpr = gl.SliceLayout(0, S_MMA)
 
     i_bh = gl.program_id(0)
     i_m = gl.num_programs(1) - 1 - gl.program_id(1)  # heaviest blocks first
@@ -123,41 +173,16 @@ def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_k
     o_m = m0 + gl.arange(0, BLOCK_M, layout=ROWS)
     b_o = hopper.warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, O_MMA))
     b_s = gl.zeros([BLOCK_M], gl.float32, ROWS)
-    for it in range(0, nb_hi):
-        kb = nb_hi - 1 - it
-        # log-sigmoids of this tile (the product of the tile before still runs)
-        b_lb, b_lom = _log_sigmoids(b_z * qk_scale)
-        if it < n_masked:
-            o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=COLS)
-            if ATTEND_CURRENT:
-                m_vis = gl.expand_dims(o_n, 0) <= gl.expand_dims(o_m, 1)
-            else:
-                m_vis = gl.expand_dims(o_n, 0) < gl.expand_dims(o_m, 1)
-            b_lom = gl.where(m_vis, b_lom, 0.0)
-            b_lb = gl.where(m_vis, b_lb, float("-inf"))  # A = 0 where a key is not visible
-        # the in-tile cumsum over the nearer keys: log2(1 - beta) >= -6e4 as float16 hi + lo, two products
-        b_lc = gl.maximum(b_lom, -60000.0)
-        b_hi = b_lc.to(gl.float16)
-        b_lo = (b_lc - b_hi.to(gl.float32)).to(gl.float16)
-        b_hi = gl.convert_layout(b_hi, A_OP)
-        b_lo = gl.convert_layout(b_lo, A_OP)
-        b_c = warpgroup_mma(b_hi, tri_smem, zero_s, use_acc=False, is_async=True)
-        b_c = warpgroup_mma(b_lo, tri_smem, b_c, is_async=True)
-        # the next tile's logits go in behind it
-        async_copy.wait_group(0)
-        fence_async_shared()
-        slot = (it + 1) % SLOTS
-        b_zn = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        b_c, b_o, b_hi, b_lo = warpgroup_mma_wait(IN_FLIGHT, deps=(b_c, b_o, b_hi, b_lo))
-        # o's product of the tile before is done: its slot takes the tile after next
-        _load_kv(K, V, k_ring, v_ring, (it + 2) % SLOTS, kb - 2, s_kt, s_vt, T, BLOCK_N, D, LOAD)
-        # the weights, while the next logits are computed
-        b_a = gl.exp2(b_lb + (gl.expand_dims(b_s, 1) + b_c))
-        b_s += gl.sum(b_lom, axis=1)
-        a_smem.store(b_a.to(gl.float16))
-        fence_async_shared()
-        b_o = warpgroup_mma(a_smem, v_ring.index(it % SLOTS), b_o, is_async=True)
-        b_z = warpgroup_mma_wait(IN_FLIGHT, deps=(b_zn,))
+    b_ap = gl.zeros([BLOCK_M, BLOCK_N], gl.float16, AV_OP)  # A's last operand, with A_IN_REGISTERS
+    # the blocks that cross the diagonal, masked; then the rest
+    for it in range(0, n_masked):
+        b_z, b_o, b_s, b_ap = _tile(it, nb_hi, b_z, b_o, b_s, b_ap, q_smem, k_ring, v_ring, a_smem, tri_smem, zero_s,
+                                    o_m, K, V, s_kt, s_vt, T, qk_scale, True, ATTEND_CURRENT, A_IN_REGISTERS,
+                                    IN_FLIGHT, BLOCK_N, D, LOAD, A_OP, AV_OP)
+    for it in range(n_masked, nb_hi):
+        b_z, b_o, b_s, b_ap = _tile(it, nb_hi, b_z, b_o, b_s, b_ap, q_smem, k_ring, v_ring, a_smem, tri_smem, zero_s,
+                                    o_m, K, V, s_kt, s_vt, T, qk_scale, False, ATTEND_CURRENT, A_IN_REGISTERS,
+                                    IN_FLIGHT, BLOCK_N, D, LOAD, A_OP, AV_OP)
     b_o = warpgroup_mma_wait(0, deps=(b_o,))
     async_copy.wait_group(0)
 
@@ -189,10 +214,10 @@ def hopper_covers(q, k, v, cu_seqlens=None):
             and all(x.stride(-1) == 1 for x in (q, k, v)))
 
 
-def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, overlap=True):
+def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, overlap=True, a_in_registers=False):
     """(o, rem) of q (B, H, T, D), k and v (B, Hk, T, D) on a Hopper GPU (hopper_covers), walking every key.
     block_n: keys per tile; maxnreg caps the registers per thread (ptxas), for more programs per SM; overlap=False
-    waits for every product right away (the ablation)."""
+    waits for every product right away (the ablation); a_in_registers feeds A to its product from registers."""
     B, H, T, D = q.shape
     o = torch.empty_like(q)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -204,7 +229,7 @@ def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, ove
     hopper_forward_kernel[grid](q, k, v_op, o, rem, table, *q.stride()[:3], *k.stride()[:3], *v_op.stride()[:3],
                                 *o.stride()[:3], float(scale), T, H, H // k.shape[1], D=D,
                                 ATTEND_CURRENT=bool(attend_current), BLOCK_M=block_m, BLOCK_N=block_n,
-                                OVERLAP=bool(overlap),
+                                OVERLAP=bool(overlap), A_IN_REGISTERS=bool(a_in_registers),
                                 **shared_layouts(q.dtype, block_m, block_n, D), num_warps=4,
                                 **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return o, rem

@@ -34,13 +34,13 @@ def test_the_hopper_forward_compiles_for_sm90_with_asynchronous_products():
         assert int(row["in-flight waits"]) > 0, out
 
 
-def _forward(q, k, v, scale, attend_current):
+def _forward(q, k, v, scale, attend_current, **launch):
     from sb_ref.kernels.hopper_forward import hopper_forward
-    return hopper_forward(q.detach(), k.detach(), v.detach(), scale, attend_current)
+    return hopper_forward(q.detach(), k.detach(), v.detach(), scale, attend_current, **launch)
 
 
-def _check(q, k, v, scale, attend_current, label):
-    o, rem = _forward(q, k, v, scale, attend_current)
+def _check(q, k, v, scale, attend_current, label, **launch):
+    o, rem = _forward(q, k, v, scale, attend_current, **launch)
     ro, rr = attention(*(x.detach().cpu().double() for x in (q, k, v)), scale, attend_current, None)
     errs = {"o": rel_err(o.cpu(), ro), "rem": rel_err(rem.cpu(), rr)}
     tol = TOL[q.dtype][0]
@@ -62,15 +62,17 @@ def test_hopper_forward_regimes(T, D, dtype, regime):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("launch", [{}, {"a_in_registers": True, "maxnreg": 168}, {"overlap": False}])
 @pytest.mark.parametrize("attend_current", [False, True])
-def test_hopper_forward_gqa_strides_and_odd_lengths(attend_current):
+def test_hopper_forward_gqa_strides_and_odd_lengths(attend_current, launch):
     for T in (63, 65, 333, 2049):
-        q, k, v, scale = make_inputs("random", 2, 4, 2, T, 128, 128, torch.bfloat16, seed=T)
-        _check(q, k, v, scale, attend_current, f"GQA T={T}")
+        for regime in ("random", "long"):
+            q, k, v, scale = make_inputs(regime, 2, 4, 2, T, 128, 128, torch.bfloat16, seed=T)
+            _check(q, k, v, scale, attend_current, f"GQA T={T} {regime} {launch}", **launch)
     # (B, T, H, D) storage seen as (B, H, T, D): strides that are not contiguous
     q, k, v, scale = make_inputs("long", 2, 4, 4, 777, 64, 64, torch.bfloat16, seed=7)
     q, k, v = (x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-    _check(q, k, v, scale, attend_current, "strided")
+    _check(q, k, v, scale, attend_current, f"strided {launch}", **launch)
 
 
 @pytest.mark.gpu
