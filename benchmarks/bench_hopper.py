@@ -6,8 +6,9 @@ and PyTorch's attention, in one process.
 Causal, bf16, forward only, median of triton.testing.do_bench; TFLOP/s counts 2*B*H*T^2*D flops. Rows: SDPA's
 FLASH_ATTENTION backend (FA2, the baseline of every ratio) and CUDNN_ATTENTION (softmax), the op's `tl` forward
 with its default launch (early exit on) and with early exit off (the same walk as the Hopper forward), and the
-Hopper forward. In the long regime sticks last for thousands of keys and nothing can be skipped; in the random
-one (N(0, 1) inputs) early exit skips most keys, which the Hopper forward does not do yet.
+Hopper forwards: with a cp.async ring, and with a producer warp feeding the ring by TMA. In the long regime sticks
+last for thousands of keys and nothing can be skipped; in the random one (N(0, 1) inputs) early exit skips most
+keys, which the Hopper forwards do not do yet.
 """
 import argparse
 import datetime
@@ -23,6 +24,7 @@ from bench_attention import SHAPES, inputs, ms, sdpa_fwd, warm_up_gpu  # noqa: E
 
 from sb_ref.kernels import LaunchConfig, stick_breaking_attention_triton  # noqa: E402
 from sb_ref.kernels.hopper_forward import hopper_forward  # noqa: E402
+from sb_ref.kernels.hopper_forward_ws import hopper_forward_ws  # noqa: E402
 
 
 def implementations(q, k, v, variants):
@@ -33,7 +35,9 @@ def implementations(q, k, v, variants):
             ("cudnn", sdpa_fwd(q, k, v, SDPBackend.CUDNN_ATTENTION)),
             ("sb tl, exit on", lambda: stick_breaking_attention_triton(q, k, v, scale, False)[0]),
             ("sb tl, exit off", lambda: stick_breaking_attention_triton(q, k, v, scale, False, config=off)[0]),
-            ("sb hopper", lambda: hopper_forward(q, k, v, scale, False)[0])] + \
+            ("sb hopper", lambda: hopper_forward(q, k, v, scale, False)[0]),
+            ("sb hopper, producer warp", lambda: hopper_forward_ws(q, k, v, scale, False)[0]),
+            ("sb hopper, producer warp, maxnreg 168", lambda: hopper_forward_ws(q, k, v, scale, False, 32, 168)[0])] + \
         [(f"sb hopper, block_n {n}, maxnreg {r}{'' if o else ', synchronous'}{', A in registers' if a else ''}",
           lambda n=n, r=r, o=o, a=a: hopper_forward(q, k, v, scale, False, n, r, o, a)[0]) for n, r, o, a in variants]
 

@@ -43,6 +43,7 @@ from sb_ref.kernels import LaunchConfig  # noqa: E402
 from sb_ref.kernels.backward import dkdv_kernel, dq_kernel  # noqa: E402
 from sb_ref.kernels.forward import forward_kernel  # noqa: E402
 from sb_ref.kernels.hopper_forward import SLOTS, hopper_forward_kernel, shared_layouts  # noqa: E402
+from sb_ref.kernels.hopper_forward_ws import hopper_forward_ws_kernel, tma_descriptors  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "LOP3", "F2F", "F2FP", "LDL", "STL"]
@@ -54,25 +55,37 @@ POINTERS = {
     "dkdv": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", DELTA="fp32", TW="fp32", TR="fp32", DK="bf16",
                  DV_="bf16", MB_STOP="i32", CU="i32", SC="fp32"),
 }
-KERNELS = {"fwd": forward_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel, "hopper_fwd": hopper_forward_kernel}
+KERNELS = {"fwd": forward_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel, "hopper_fwd": hopper_forward_kernel,
+           "hopper_fwd_ws": hopper_forward_ws_kernel}
 POINTERS["hopper_fwd"] = dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", SC="fp32")
+POINTERS["hopper_fwd_ws"] = dict(Q="bf16", O="bf16", REM="fp32", SC="fp32")
 HOPPER_TILE = (64, 32, 4)  # BLOCK_M, BLOCK_N, warps: hopper_forward's launch
 
 
-def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None, a_in_registers=False):
-    """The Gluon forward (kernels/hopper_forward.py) as hopper_forward launches it for bfloat16 inputs."""
+def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None, a_in_registers=False, producer=False):
+    """A Gluon forward as hopper_forward launches it for bfloat16 inputs (kernels/hopper_forward.py), or with the
+    producer warp as hopper_forward_ws does (kernels/hopper_forward_ws.py): its TMA descriptors' types come from
+    descriptors of CPU tensors, as a launch would specialise them."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.experimental.gluon._runtime import GluonASTSource
     block_m, _, warps = HOPPER_TILE
+    layouts = shared_layouts(torch.bfloat16, block_m, block_n, dim)
     values = dict(D=dim, ATTEND_CURRENT=False, BLOCK_M=block_m, BLOCK_N=block_n, OVERLAP=True,
-                  A_IN_REGISTERS=a_in_registers, num_warps=warps,
-                  **shared_layouts(torch.bfloat16, block_m, block_n, dim))
-    fn = hopper_forward_kernel
+                  A_IN_REGISTERS=a_in_registers, num_warps=warps, **layouts)
+    name = "hopper_fwd_ws" if producer else "hopper_fwd"
+    fn = KERNELS[name]
+    kv = torch.zeros(1024, dim, dtype=torch.bfloat16), torch.zeros(1024, dim, dtype=torch.float16)
+    descs = dict(zip(("k_desc", "v_desc"), (native_specialize_impl(CUDABackend, d, False, True, True)[0]
+                                            for d in tma_descriptors(*kv, block_n, layouts))))
     signature, constexprs, attrs = {}, {}, {}
     for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
             signature[arg], constexprs[arg] = "constexpr", values[arg]
-        elif arg in POINTERS["hopper_fwd"]:
-            signature[arg] = "*" + POINTERS["hopper_fwd"][arg]
+        elif arg in descs:
+            signature[arg] = descs[arg]
+        elif arg in POINTERS[name]:
+            signature[arg] = "*" + POINTERS[name][arg]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg == "scale":
             signature[arg] = "fp32"
@@ -87,8 +100,8 @@ def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None, a_in_regis
 
 def compile_kernel(name, dim, config=LaunchConfig()):
     """triton.compile of one kernel as a launch with bfloat16 inputs of head dim `dim` would specialise it."""
-    if name == "hopper_fwd":
-        return compile_hopper_forward(dim)
+    if name.startswith("hopper_fwd"):
+        return compile_hopper_forward(dim, producer=name == "hopper_fwd_ws")
     fn = KERNELS[name]
     tile = getattr(config.gpu.tiles(dim, torch.bfloat16), name)
     values = dict(D=dim, DV=dim, BLOCK_D=dim, BLOCK_DV=dim, VARLEN=False, ATTEND_CURRENT=False, UPCAST=False,
