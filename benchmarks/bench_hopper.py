@@ -37,7 +37,10 @@ def implementations(q, k, v, variants):
             ("sb tl, exit off", lambda: stick_breaking_attention_triton(q, k, v, scale, False, config=off)[0]),
             ("sb hopper", lambda: hopper_forward(q, k, v, scale, False)[0]),
             ("sb hopper, producer warp", lambda: hopper_forward_ws(q, k, v, scale, False)[0]),
-            ("sb hopper, producer warp, maxnreg 168", lambda: hopper_forward_ws(q, k, v, scale, False, 32, 168)[0])] + \
+            ("sb hopper, producer warp, 2 consumer warpgroups, maxnreg 168",
+             lambda: hopper_forward_ws(q, k, v, scale, False, 32, 168, 2)[0]),
+            ("sb hopper, 2 warpgroups, A in registers",
+             lambda: hopper_forward(q, k, v, scale, False, 32, None, True, True, 2)[0])] + \
         [(f"sb hopper, block_n {n}, maxnreg {r}{'' if o else ', synchronous'}{', A in registers' if a else ''}",
           lambda n=n, r=r, o=o, a=a: hopper_forward(q, k, v, scale, False, n, r, o, a)[0]) for n, r, o, a in variants]
 
@@ -58,22 +61,28 @@ def main():
     lines = [f"# Hopper forward: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
              f"python {platform.python_version()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              "", "Causal, bf16, forward only; ratio = FA2's time / this time.", "",
-             "| regime | B, H, T, D | implementation | ms | TFLOP/s | x FA2 |", "|---|---|---|---|---|---|"]
+             "| regime | B, H, T, D | implementation | ms | TFLOP/s | x FA2 | o's relative difference to the tl forward's |",
+             "|---|---|---|---|---|---|---|"]
     with torch.no_grad():
         for regime in args.regimes.split(","):
             for B, H, T, D in shapes:
                 q, k, v = (x.detach() for x in inputs(B, H, T, D, regime=regime))
                 flops = 2 * B * H * T * T * D
-                times = {}
+                times, diffs = {}, {}
+                reference = stick_breaking_attention_triton(q, k, v, D ** -0.5, False,
+                                                            config=LaunchConfig(early_exit=False))[0].float()
                 for name, fn in implementations(q, k, v, variants):
                     try:
+                        if name.startswith("sb"):
+                            diffs[name] = ((fn().float() - reference).norm() / reference.norm()).item()
                         times[name] = ms(fn)
                     except Exception as e:  # a backend this build lacks
                         print(f"{name} at {(B, H, T, D)}: unavailable ({type(e).__name__}: {str(e)[:200]})", flush=True)
                 for name, t in times.items():
                     ratio = times["flash (FA2)"] / t if "flash (FA2)" in times else float("nan")
+                    diff = f"{diffs[name]:.1e}" if name in diffs else ""
                     lines.append(f"| {regime} | {B}, {H}, {T}, {D} | {name} | {t:.3f} | {flops / t * 1e-9:.1f} | "
-                                 f"{ratio:.3f} |")
+                                 f"{ratio:.3f} | {diff} |")
                     print(lines[-1], flush=True)
                 del q, k, v
                 torch.cuda.empty_cache()

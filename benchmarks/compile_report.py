@@ -62,14 +62,15 @@ POINTERS["hopper_fwd_ws"] = dict(Q="bf16", O="bf16", REM="fp32", SC="fp32")
 HOPPER_TILE = (64, 32, 4)  # BLOCK_M, BLOCK_N, warps: hopper_forward's launch
 
 
-def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None, a_in_registers=False, producer=False):
+def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None, a_in_registers=False, producer=False,
+                           warpgroups=1):
     """A Gluon forward as hopper_forward launches it for bfloat16 inputs (kernels/hopper_forward.py), or with the
     producer warp as hopper_forward_ws does (kernels/hopper_forward_ws.py): its TMA descriptors' types come from
     descriptors of CPU tensors, as a launch would specialise them."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.experimental.gluon._runtime import GluonASTSource
-    block_m, _, warps = HOPPER_TILE
+    block_m, _, warps = (64 * warpgroups, None, 4 * warpgroups)
     layouts = shared_layouts(torch.bfloat16, block_m, block_n, dim)
     values = dict(D=dim, ATTEND_CURRENT=False, BLOCK_M=block_m, BLOCK_N=block_n, OVERLAP=True,
                   A_IN_REGISTERS=a_in_registers, num_warps=warps, **layouts)

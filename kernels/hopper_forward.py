@@ -214,15 +214,17 @@ def hopper_covers(q, k, v, cu_seqlens=None):
             and all(x.stride(-1) == 1 for x in (q, k, v)))
 
 
-def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, overlap=True, a_in_registers=False):
+def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, overlap=True, a_in_registers=False,
+                   warpgroups=1):
     """(o, rem) of q (B, H, T, D), k and v (B, Hk, T, D) on a Hopper GPU (hopper_covers), walking every key.
     block_n: keys per tile; maxnreg caps the registers per thread (ptxas), for more programs per SM; overlap=False
-    waits for every product right away (the ablation); a_in_registers feeds A to its product from registers."""
+    waits for every product right away (the ablation); a_in_registers feeds A to its product from registers;
+    warpgroups: warpgroups per program, 64 query rows each."""
     B, H, T, D = q.shape
     o = torch.empty_like(q)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     v_op, table = forward_table(v, copy=v.dtype == torch.bfloat16)
-    block_m = 64
+    block_m = 64 * warpgroups
     grid = (B * H, triton.cdiv(T, block_m))
     if T == 0 or B * H == 0:
         return o, rem
@@ -230,6 +232,6 @@ def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, ove
                                 *o.stride()[:3], float(scale), T, H, H // k.shape[1], D=D,
                                 ATTEND_CURRENT=bool(attend_current), BLOCK_M=block_m, BLOCK_N=block_n,
                                 OVERLAP=bool(overlap), A_IN_REGISTERS=bool(a_in_registers),
-                                **shared_layouts(q.dtype, block_m, block_n, D), num_warps=4,
+                                **shared_layouts(q.dtype, block_m, block_n, D), num_warps=4 * warpgroups,
                                 **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return o, rem

@@ -174,20 +174,21 @@ def tma_descriptors(k, v_op, block_n, layouts):
     return descs
 
 
-def hopper_forward_ws(q, k, v, scale, attend_current, block_n=32, maxnreg=None):
-    """(o, rem) as hopper_forward, with the producer warp (hopper_ws_covers)."""
+def hopper_forward_ws(q, k, v, scale, attend_current, block_n=32, maxnreg=None, warpgroups=1):
+    """(o, rem) as hopper_forward, with the producer warp (hopper_ws_covers); warpgroups: consumer warpgroups per
+    program, 64 query rows each."""
     B, H, T, D = q.shape
     o = torch.empty_like(q)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     if T == 0 or B * H == 0:
         return o, rem
     v_op, table = forward_table(v, copy=v.dtype == torch.bfloat16)
-    block_m = 64
+    block_m = 64 * warpgroups
     layouts = shared_layouts(q.dtype, block_m, block_n, D)
     k_desc, v_desc = tma_descriptors(k, v_op, block_n, layouts)
     grid = (B * H, triton.cdiv(T, block_m))
     hopper_forward_ws_kernel[grid](q, k_desc, v_desc, o, rem, table, *q.stride()[:3], *o.stride()[:3], float(scale),
                                    T, H, H // k.shape[1], D=D, ATTEND_CURRENT=bool(attend_current), BLOCK_M=block_m,
                                    BLOCK_N=block_n, Q_SMEM=layouts["Q_SMEM"], TRI_SMEM=layouts["TRI_SMEM"],
-                                   num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+                                   num_warps=4 * warpgroups, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return o, rem
