@@ -49,6 +49,26 @@ def _log_sigmoids(z):
 
 
 @gluon.jit
+def _tile_logs(b_z, qk_scale, o_m, kb, zero_s, MASKED: gl.constexpr, ATTEND_CURRENT: gl.constexpr,
+               BLOCK_N: gl.constexpr, A_OP: gl.constexpr):
+    """(log2 beta, log2(1 - beta)) of a tile of logits b_z (key block kb; MASKED: the keys a row may not see get
+    beta = 0), and log2(1 - beta) >= -6e4 as the float16 hi + lo operands of the in-tile cumsum's two products."""
+    b_lb, b_lom = _log_sigmoids(b_z * qk_scale)
+    if MASKED:
+        o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
+        if ATTEND_CURRENT:
+            m_vis = gl.expand_dims(o_n, 0) <= gl.expand_dims(o_m, 1)
+        else:
+            m_vis = gl.expand_dims(o_n, 0) < gl.expand_dims(o_m, 1)
+        b_lom = gl.where(m_vis, b_lom, 0.0)
+        b_lb = gl.where(m_vis, b_lb, float("-inf"))  # A = 0 where a key is not visible
+    b_lc = gl.maximum(b_lom, -60000.0)
+    b_hi = b_lc.to(gl.float16)
+    b_lo = (b_lc - b_hi.to(gl.float32)).to(gl.float16)
+    return b_lb, b_lom, gl.convert_layout(b_hi, A_OP), gl.convert_layout(b_lo, A_OP)
+
+
+@gluon.jit
 def _load_kv(K, V, k_ring, v_ring, slot, kb, s_kt, s_vt, T, BLOCK_N: gl.constexpr, D: gl.constexpr,
              LOAD: gl.constexpr):
     """cp.async of key block kb of K and V into a slot of the rings, as one commit group; rows outside [0, T) (and
@@ -71,22 +91,8 @@ def _tile(it, nb_hi, b_z, b_o, b_s, b_ap, q_smem, k_ring, v_ring, a_smem, tri_sm
     """Tile it of the walk (key block nb_hi - 1 - it): takes its logits b_z, issues the next tile's, and returns
     (the next logits, o's accumulator with this tile's product in flight, S, A's operand)."""
     kb = nb_hi - 1 - it
-    # log-sigmoids of this tile (the product of the tile before still runs)
-    b_lb, b_lom = _log_sigmoids(b_z * qk_scale)
-    if MASKED:
-        o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
-        if ATTEND_CURRENT:
-            m_vis = gl.expand_dims(o_n, 0) <= gl.expand_dims(o_m, 1)
-        else:
-            m_vis = gl.expand_dims(o_n, 0) < gl.expand_dims(o_m, 1)
-        b_lom = gl.where(m_vis, b_lom, 0.0)
-        b_lb = gl.where(m_vis, b_lb, float("-inf"))  # A = 0 where a key is not visible
-    # the in-tile cumsum over the nearer keys: log2(1 - beta) >= -6e4 as float16 hi + lo, two products
-    b_lc = gl.maximum(b_lom, -60000.0)
-    b_hi = b_lc.to(gl.float16)
-    b_lo = (b_lc - b_hi.to(gl.float32)).to(gl.float16)
-    b_hi = gl.convert_layout(b_hi, A_OP)
-    b_lo = gl.convert_layout(b_lo, A_OP)
+    # log-sigmoids of this tile (the product of the tile before still runs), then the cumsum's products
+    b_lb, b_lom, b_hi, b_lo = _tile_logs(b_z, qk_scale, o_m, kb, zero_s, MASKED, ATTEND_CURRENT, BLOCK_N, A_OP)
     b_c = warpgroup_mma(b_hi, tri_smem, zero_s, use_acc=False, is_async=True)
     b_c = warpgroup_mma(b_lo, tri_smem, b_c, is_async=True)
     # the next tile's logits go in behind it

@@ -19,7 +19,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .forward import FWD_V_SCALE
-from .hopper_forward import LOG2E, SLOTS, _log_sigmoids, hopper_covers, shared_layouts
+from .hopper_forward import LOG2E, SLOTS, _tile_logs, hopper_covers, shared_layouts
 from .operands import forward_table
 
 
@@ -42,21 +42,8 @@ def _consumer_tile(it, nb_hi, b_z, b_o, b_s, b_ap, q_smem, k_ring, v_ring, ready
                    qk_scale, MASKED: gl.constexpr, ATTEND_CURRENT: gl.constexpr, BLOCK_N: gl.constexpr,
                    A_OP: gl.constexpr, AV_OP: gl.constexpr):
     """hopper_forward._tile with the ring's mbarriers in place of cp.async groups and CTA barriers."""
-    kb = nb_hi - 1 - it
-    b_lb, b_lom = _log_sigmoids(b_z * qk_scale)
-    if MASKED:
-        o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
-        if ATTEND_CURRENT:
-            m_vis = gl.expand_dims(o_n, 0) <= gl.expand_dims(o_m, 1)
-        else:
-            m_vis = gl.expand_dims(o_n, 0) < gl.expand_dims(o_m, 1)
-        b_lom = gl.where(m_vis, b_lom, 0.0)
-        b_lb = gl.where(m_vis, b_lb, float("-inf"))
-    b_lc = gl.maximum(b_lom, -60000.0)
-    b_hi = b_lc.to(gl.float16)
-    b_lo = (b_lc - b_hi.to(gl.float32)).to(gl.float16)
-    b_hi = gl.convert_layout(b_hi, A_OP)
-    b_lo = gl.convert_layout(b_lo, A_OP)
+    b_lb, b_lom, b_hi, b_lo = _tile_logs(b_z, qk_scale, o_m, nb_hi - 1 - it, zero_s, MASKED, ATTEND_CURRENT,
+                                          BLOCK_N, A_OP)
     b_c = warpgroup_mma(b_hi, tri_smem, zero_s, use_acc=False, is_async=True)
     b_c = warpgroup_mma(b_lo, tri_smem, b_c, is_async=True)
     nxt = (it + 1) % SLOTS
