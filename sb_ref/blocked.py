@@ -106,6 +106,57 @@ def _backward(q, k, v, log_rem, do, drem, scale, attend_current, block):
     return tuple(x.flatten(-3, -2)[..., :T, :] for x in (dq, dk, dv))
 
 
+def _key_tiles(k, v, block):
+    """Key tiles of a segment, nearest (last) first: [(k tile, v tile)], each (..., <= block, *)."""
+    T = k.shape[-2]
+    return [(k[..., a:min(a + block, T), :], v[..., a:min(a + block, T), :])
+            for a in range(((T - 1) // block) * block, -1, -block)]
+
+
+def segment_forward(q, k, v, scale, block=DEFAULT_BLOCK):
+    """Queries against a whole earlier segment of keys (every key visible, none nearer than the segment): (o, S)
+    with ``S = sum over the segment of log(1 - beta)``, the log of what the segment leaves of each stick. Shapes
+    as in _forward; memory O(Tq * block). Two segments combine as ``o = o_near + exp(S_near) o_far``."""
+    o = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    carry = q.new_zeros(q.shape[:-1])
+    for k_t, v_t in _key_tiles(k, v, block):
+        z = scale * q @ k_t.transpose(-1, -2)
+        log_keep = F.logsigmoid(-z)
+        o = o + (F.logsigmoid(z) + carry[..., None] + reverse_exclusive_cumsum(log_keep)).exp() @ v_t
+        carry = carry + log_keep.sum(-1)
+    return o, carry
+
+
+def segment_backward(q, k, v, do, dS, scale, block=DEFAULT_BLOCK):
+    """Gradients (dq, dk, dv) of segment_forward for the gradients do of o and dS of S (the tiled backward's
+    formulas with every key visible and ``g = dS``)."""
+    tiles = _key_tiles(k, v, block)
+
+    def walk():
+        carry = q.new_zeros(q.shape[:-1])
+        for k_t, v_t in tiles:
+            z = scale * q @ k_t.transpose(-1, -2)
+            log_keep = F.logsigmoid(-z)
+            A = (F.logsigmoid(z) + carry[..., None] + reverse_exclusive_cumsum(log_keep)).exp()
+            dl = A * (do @ v_t.transpose(-1, -2))
+            yield k_t, v_t, z, A, dl, dl.flip(-1).cumsum(-1).flip(-1)
+            carry = carry + log_keep.sum(-1)
+
+    delta = q.new_zeros(q.shape[:-1])
+    for *_, suffix in walk():  # first walk: delta = sum of dl, accumulated as the second accumulates R
+        delta = delta + suffix[..., 0]
+    dq, dk, dv = torch.zeros_like(q), [], []
+    nearer = q.new_zeros(q.shape[:-1])
+    for k_t, v_t, z, A, dl, suffix in walk():
+        farther = delta[..., None] - (nearer[..., None] + suffix)
+        dz = dl * torch.sigmoid(-z) - torch.sigmoid(z) * (farther + dS[..., None])
+        dq = dq + scale * (dz @ k_t)
+        dk.append(scale * (dz.transpose(-1, -2) @ q).sum(2, keepdim=True))
+        dv.append((A.transpose(-1, -2) @ do).sum(2, keepdim=True))
+        nearer = nearer + suffix[..., 0]
+    return dq, torch.cat(dk[::-1], -2), torch.cat(dv[::-1], -2)
+
+
 def _grouped(q, k, v, compute_dtype):
     """(B, Hq, T, D) queries -> (B, Hk, G, T, D); k, v -> (B, Hk, 1, T, *): GQA by broadcasting, no copies."""
     B, Hq, T, D = q.shape

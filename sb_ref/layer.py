@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .attention import stick_breaking_attention
+from .distributed import context_parallel_attention
 from .decode import stick_breaking_decode
 from .validation import check_backend
 
@@ -81,7 +82,9 @@ class StickBreakingSelfAttention(nn.Module):
         backend: passed to :func:`sb_ref.stick_breaking_attention`.
 
     Shapes: ``x`` (B, T, E) -> (B, T, E). With ``cu_seqlens`` (packed sequences, B == 1) no token attends
-    across a sequence boundary.
+    across a sequence boundary. With ``cp_group`` (a torch.distributed group), ``x`` is this rank's part of one
+    sequence (``sb_ref.distributed.shard_sequence(x, cp_group, cp_layout, dim=1)``) and attention runs over the
+    whole sequence through :func:`sb_ref.distributed.context_parallel_attention`.
 
     Generation: with ``cache`` (a :class:`KVCache` from :meth:`new_cache`), ``x`` holds the next Tn tokens of
     each sequence; their keys and values are appended to the cache and their queries attend to everything the
@@ -127,7 +130,7 @@ class StickBreakingSelfAttention(nn.Module):
         return KVCache.empty(batch_size, self.num_kv_heads, max_len, self.head_dim,
                              dtype=w.dtype if dtype is None else dtype, device=w.device if device is None else device)
 
-    def forward(self, x, cu_seqlens=None, cache=None):
+    def forward(self, x, cu_seqlens=None, cache=None, cp_group=None, cp_layout="zigzag"):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor (B, T, {self.embed_dim}), got {shape}")
@@ -135,12 +138,18 @@ class StickBreakingSelfAttention(nn.Module):
             raise TypeError(f"cache must be an sb_ref.KVCache or None, got {type(cache).__name__}")
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens and cache cannot be combined: a cache holds one sequence per batch row")
+        if cp_group is not None and (cache is not None or cu_seqlens is not None):
+            raise ValueError("cp_group (a sequence split over ranks) cannot be combined with cu_seqlens or cache")
         B, T, _ = x.shape
         Hq, Hk, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, Hq, Dh).transpose(1, 2)
         k = self.k_proj(x).view(B, T, Hk, Dh).transpose(1, 2)
         v = self.v_proj(x).view(B, T, Hk, Dh).transpose(1, 2)
-        if cache is None:
+        if cp_group is not None:
+            o, rem = context_parallel_attention(q, k, v, group=cp_group, layout=cp_layout,
+                                                attend_current=self.attend_current, return_remainder=True,
+                                                backend=self.backend)
+        elif cache is None:
             o, rem = stick_breaking_attention(q, k, v, attend_current=self.attend_current, cu_seqlens=cu_seqlens,
                                               return_remainder=True, backend=self.backend)
         else:
