@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .attention import stick_breaking_attention
 from .blocked import DEFAULT_BLOCK, _grouped, segment_backward, segment_forward
-from .validation import FLOAT_DTYPES, check_options, check_qkv, check_triton_inputs
+from .validation import FLOAT_DTYPES, check_options, check_qkv, check_triton_inputs, choose_backend
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -257,8 +257,10 @@ class _ContextParallelAttention(torch.autograd.Function):
 
 
 def _diagonal(q, k, v, scale, attend_current, backend, dtype):
-    """A chunk against itself: the single-process op (16-bit inputs in the compute dtype on the torch backend)."""
-    if backend != "triton" and q.dtype in (torch.float16, torch.bfloat16):
+    """A chunk against itself: the single-process op. On the torch backend 16-bit inputs go in as the compute
+    dtype, so that o is rounded once, at the end; the Triton path keeps their dtype (its float32 path is IEEE
+    products, many times slower)."""
+    if choose_backend(backend, q) == "torch" and q.dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return stick_breaking_attention(q, k, v, scale=scale, attend_current=attend_current, return_remainder=True,
                                     backend=backend)
