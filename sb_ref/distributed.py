@@ -17,7 +17,14 @@ pair's output for the scalars ``dO . o_pair`` those sums need, a second runs eac
 chunks travel with their dk, dv accumulators, which come home after one more hop. Communication is
 ``torch.distributed`` point-to-point (``batch_isend_irecv``): the next key chunk is in flight while this one is used.
 Deterministic: every sum runs in a fixed order.
+
+Early exit (float32 compute, i.e. 16- and 32-bit inputs): once every row of a query chunk has less than 2^-160 of
+its stick left after the keys from the diagonal back to some chunk, the chunks farther back are not visited in the
+forward or the backward (they still travel past: the ring serves every rank). As in the kernels' early exit,
+nothing skipped survives float32's rounding.
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -26,6 +33,7 @@ from .blocked import DEFAULT_BLOCK, _grouped, segment_backward, segment_forward
 from .validation import FLOAT_DTYPES, check_options, check_qkv, check_triton_inputs, choose_backend
 
 LAYOUTS = ("zigzag", "contiguous")
+EXHAUSTED = -160 * math.log(2)  # a stick below 2^-160 leaves nothing float32 can hold
 
 
 def _world(group):
@@ -139,9 +147,24 @@ class _Runs:
             o, S, lo = o + S.exp()[..., None] * o_f, S + S_f, farther
         self.runs[lo] = (hi, o, S)
 
-    def total(self):
-        (lo, (hi, o, S)), = self.runs.items()
+    def nearest(self, end, cutoff):
+        """(o, S) of the keys from cutoff up to chunk end - 1: every run when all of them were visited (one run by
+        then), else the run that reaches the diagonal (the others lie past the cutoff)."""
+        if cutoff == 0:
+            (lo, (hi, o, S)), = self.runs.items()
+            return o, S
+        hi, o, S = self.runs[cutoff]
+        assert hi == end - 1
         return o, S
+
+    def exhausted_below(self, end, rem_diagonal):
+        """The first key chunk still worth visiting for queries of chunk `end`: the start of the run next to the
+        diagonal once every row's stick is below 2^-160 after it (float32: nothing farther survives rounding, as
+        in the kernels' early exit), else 0."""
+        for lo, (hi, o, S) in self.runs.items():
+            if hi == end - 1 and bool(((rem_diagonal.log() + S) < EXHAUSTED).all()):
+                return lo
+        return 0
 
 
 class _Local:
@@ -175,26 +198,32 @@ class _ContextParallelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, attend_current, layout, group, backend, block):
         loc = _Local(q, k, v, layout, group)
         own, qc, kc, vc, q5, dtype = loc.own, loc.qc, loc.kc, loc.vc, loc.q5, loc.dtype
+        diag = [_diagonal(qc[i], kc[i], vc[i], scale, attend_current, backend, dtype) for i in range(len(own))]
+        rem_d5 = [r.to(dtype).reshape(q5[i].shape[:-1]) for i, (_, r) in enumerate(diag)]
         runs = [_Runs() for _ in own]
+        cutoff = [0] * len(own)  # key chunks below it are not visited: the sticks are used up before them
         S_pair = {}  # (query chunk index, key chunk) -> S of the pair, for the backward
         for i, b, k_b, v_b, _, _ in loc.pairs():
+            if b < cutoff[i]:
+                continue
             o_p, S_p = segment_forward(q5[i], k_b, v_b, scale, block)
             runs[i].add(b, o_p, S_p)
             S_pair[i, b] = S_p
+            if dtype == torch.float32:
+                cutoff[i] = runs[i].exhausted_below(own[i], rem_d5[i])
         outs, rems, saved = [], [], []
         for i in range(len(own)):
-            o_d, rem_d = _diagonal(qc[i], kc[i], vc[i], scale, attend_current, backend, dtype)
-            o_d5 = o_d.to(dtype).reshape(q5[i].shape[:-1] + (v.shape[-1],))
-            rem_d5 = rem_d.to(dtype).reshape(q5[i].shape[:-1])
+            o_d5 = diag[i][0].to(dtype).reshape(q5[i].shape[:-1] + (v.shape[-1],))
             if runs[i].runs:
-                o_off, S_off = runs[i].total()
-                o_i, rem_i = o_d5 + rem_d5[..., None] * o_off, rem_d5 * S_off.exp()
+                o_off, S_off = runs[i].nearest(own[i], cutoff[i])
+                o_i, rem_i = o_d5 + rem_d5[i][..., None] * o_off, rem_d5[i] * S_off.exp()
             else:
                 o_off = S_off = None
-                o_i, rem_i = o_d5, rem_d5
+                o_i, rem_i = o_d5, rem_d5[i]
             outs.append(o_i.reshape(qc[i].shape[:-1] + (v.shape[-1],)))
             rems.append(rem_i.reshape(qc[i].shape[:-1]))
-            saved.append((o_off, S_off, rem_d5, rem_i))
+            saved.append((o_off, S_off, rem_d5[i], rem_i))
+        S_pair = {(i, b): S for (i, b), S in S_pair.items() if b >= cutoff[i]}
         ctx.save_for_backward(q, k, v)
         ctx.state = (scale, attend_current, layout, group, backend, block, S_pair, saved)
         o = torch.cat(outs, 2).to(q.dtype)
@@ -219,22 +248,27 @@ class _ContextParallelAttention(torch.autograd.Function):
             o_off, S_off, rem_d, rem_i = saved[i]
             near = torch.zeros_like(rem_d)
             for b in range(a - 1, -1, -1):
-                weight[i, b] = near.exp()
-                near = near + S_pair[i, b]
+                if (i, b) in S_pair:
+                    weight[i, b] = near.exp()
+                    near = near + S_pair[i, b]
             d_off.append(None if o_off is None else (rem_d[..., None] * do5[i], drem5[i] * rem_i))
         # first pass: dO_off . o_pair for every pair, then each pair's dS as a sum over the farther pairs
         g_pair = {}
         for i, b, k_b, v_b, _, _ in loc.pairs():
-            g_pair[i, b] = (d_off[i][0] * segment_forward(q5[i], k_b, v_b, scale, block)[0]).sum(-1)
+            if (i, b) in S_pair:
+                g_pair[i, b] = (d_off[i][0] * segment_forward(q5[i], k_b, v_b, scale, block)[0]).sum(-1)
         dS_pair = {}
         for i, a in enumerate(own):
             farther = torch.zeros_like(drem5[i])
             for b in range(a):
-                dS_pair[i, b] = d_off[i][1] + farther
-                farther = farther + weight[i, b] * g_pair[i, b]
+                if (i, b) in S_pair:
+                    dS_pair[i, b] = d_off[i][1] + farther
+                    farther = farther + weight[i, b] * g_pair[i, b]
         # second pass: each pair's backward; the key chunks travel with their dk, dv accumulators
         dq5 = [torch.zeros_like(x) for x in q5]
         for i, b, k_b, v_b, acc, j in loc.pairs([torch.zeros_like(x) for x in loc.blocks]):
+            if (i, b) not in S_pair:
+                continue
             dq_p, dk_p, dv_p = segment_backward(q5[i], k_b, v_b, weight[i, b][..., None] * d_off[i][0],
                                                 dS_pair[i, b], scale, block)
             dq5[i] += dq_p

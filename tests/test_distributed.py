@@ -98,6 +98,25 @@ def _case_low_precision(rank, world):
     return out
 
 
+def _case_early_exit(rank, world):
+    """float32 where sticks are used up within a chunk: the farther chunks are skipped (counted by a wrapper of the
+    chunk-against-chunk forward), and the results stay within the bounds; where sticks last nothing is skipped."""
+    import sb_ref.distributed as cp
+    calls = []
+    real = cp.segment_forward
+    cp.segment_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    out = {}
+    for regime in ("saturated", "long"):
+        for layout in ("zigzag", "contiguous"):
+            counts = []
+            for dtype in (torch.float64, torch.float32):  # float64 never stops early
+                calls.clear()
+                errs = _compare(layout, regime, 2 * world * 24, dtype, False, seed=5, block=8)
+                counts.append(len(calls))
+            out[f"{regime} {layout}"] = {"visits": counts, **errs}
+    return out
+
+
 def _case_deterministic(rank, world):
     (q, k, v), scale, do, _ = _inputs("random", 4 * world * 5, torch.float32, seed=3)
     runs = []
@@ -174,6 +193,22 @@ def test_float32_and_bfloat16_stay_within_the_bounds(tmp_path):
         out_tol, grad_tol = TOL[getattr(torch, row["dtype"].split(".")[-1])]
         assert row["o"] <= out_tol and row["rem"] <= out_tol, row
         assert max(row["dq"], row["dk"], row["dv"]) <= grad_tol, row
+
+
+def test_used_up_sticks_stop_the_walk_over_earlier_chunks(tmp_path):
+    reports = _run(3, "early_exit", tmp_path)
+    _no_errors(reports)
+    out_tol, grad_tol = TOL[torch.float32]
+    skipped = 0
+    for report in reports:
+        for name, row in report.items():
+            full, visited = row["visits"]
+            assert row["o"] <= out_tol and row["rem"] <= out_tol, (name, row)
+            assert max(row["dq"], row["dk"], row["dv"]) <= grad_tol, (name, row)
+            if name.startswith("long"):
+                assert visited == full, (name, row)
+            skipped += full - visited
+    assert skipped > 0, reports
 
 
 def test_the_distributed_backward_is_deterministic(tmp_path):
