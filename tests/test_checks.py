@@ -251,6 +251,18 @@ def test_wrong_arity_shape_and_nan_are_reported():
     assert "not finite" in failure("check_stable_attention", nan_rem)
 
 
+def test_a_remainder_taken_as_one_minus_the_weights_fails_where_sticks_are_used_up():
+    # right to ~1e-16 absolutely, so a Frobenius norm of rem passes it; entry by entry it is noise where rem is tiny
+    def one_minus_sum(q, k, v, scale=None, attend_current=False):
+        o, _ = stable_attention(q, k, v, scale, attend_current)
+        z = q.double() @ k.double().transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        return o, (1 - sb_ref.stick_breaking_weights(z, attend_current=attend_current).sum(-1)).to(
+            torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+    message = failure("check_stable_attention", one_minus_sum)
+    assert "rem is wrong" in message and "entry by entry" in message and "1 - sum(A)" in message
+
+
 def test_gradients_of_naive_logs_fail_in_the_saturated_regime():
     def multiplied_mask(q, k, v, scale=None, attend_current=False):
         z = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
@@ -308,7 +320,15 @@ def test_blocked_check_mentions_short_last_block():
         return o, rem
 
     message = failure("check_blocked_attention", ignores_the_tail)
-    assert "not a multiple of block" in message
+    assert "not a multiple of block" in message and "the last block is short" in message
+
+    def wrong_first_block(q, k, v, block, attend_current=False):
+        o, rem = blocked_attention(q, k, v, block, attend_current)
+        o[..., :block, :] = 0
+        return o, rem
+
+    message = failure("check_blocked_attention", wrong_first_block)
+    assert "o is wrong" in message and "short" not in message
 
 
 def test_learner_output_to_stderr_and_warnings_are_silenced(capfd):

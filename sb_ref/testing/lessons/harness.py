@@ -225,6 +225,34 @@ def compare(check, got, ref, tol, case, hint, what="the output", *, elementwise=
     return err
 
 
+def compare_remainder(check, got, ref, tol, case, hint, what="rem"):
+    """Fail unless each remainder matches the float64 oracle's entry by entry, in log space: ``|log got - log ref|
+    <= tol * max(1, |log ref|)`` wherever ``ref`` is a normal number of got's dtype, and got just as small where it
+    is not. A Frobenius norm would let the tiny remainders of used-up sticks be anything (``1 - sum(A)`` is
+    cancellation noise there), and those are the ones the log-space computation exists for. Returns the error."""
+    dtype = got.dtype if isinstance(got, torch.Tensor) else torch.float64
+    compare(check, got, ref, float("inf"), case, hint, what=what)  # shape and finiteness
+    got = as_float64(got, check, what, case)
+    if ref.numel() == 0:
+        return 0.0
+    floor = torch.finfo(dtype if dtype.is_floating_point else torch.float64).tiny
+    normal = ref >= floor
+    log_ref = ref.clamp_min(floor).log()
+    err_log = (got.clamp_min(0).log() - log_ref).abs() / log_ref.abs().clamp_min(1.0)
+    err = torch.where(normal, err_log, torch.where(got.abs() <= 1024 * floor, 0.0, float("inf")))
+    err = torch.nan_to_num(err, nan=float("inf"))
+    worst = int(err.flatten().argmax())
+    value = float(err.flatten()[worst])
+    if not value <= tol:
+        index = np.unravel_index(worst, tuple(ref.shape))
+        raise AssertionError(
+            f"{check}: {what} is wrong for {case}\n"
+            f"  entry by entry, in log space: error {value:.2e} > tolerance {tol:.1e} at index {fmt_index(index)}: "
+            f"got {float(got[index]):.10g}, expected {float(ref[index]):.10g}\n"
+            f"  hint: {hint}")
+    return value
+
+
 def probe_memory(check, fn, args, case, prerequisite, who, hint, large_args=None):
     """Runs ``fn(*args)`` (args = q, k, v, ...: float32, one head): its o must match the oracle (``prerequisite`` is
     the check that tests it), then its memory must stay O(T). Returns one line saying what was measured.

@@ -13,8 +13,8 @@ from torch.autograd.gradcheck import GradcheckError
 from ... import weights
 from ..core import REGIMES, make_inputs, oracle_attention
 from . import references
-from .harness import (TOLERANCE, as_float64, call, compare, fmt_case, name_of, not_attempted, quiet, quietly,
-                      unpack, verdict, worst_by_dtype)
+from .harness import (TOLERANCE, as_float64, call, compare, compare_remainder, fmt_case, name_of, not_attempted,
+                      quiet, quietly, unpack, verdict, worst_by_dtype)
 from .lesson01 import weights_hint
 
 __all__ = ["check_log_sigmoids", "check_reverse_exclusive_cumsum", "check_stable_weights", "check_stable_attention",
@@ -116,10 +116,11 @@ def _attention_cases(check, attention, seed, shapes, dtypes, regimes, extra_kwar
                         hint = ("o = A @ v with A from your stable weights of the logits scale * q @ k^T "
                                 "(scale = 1/sqrt(D) by default); for bfloat16/float16 inputs compute in float32.")
                         err = compare(check, o, o_ref, TOLERANCE.output[dtype], case, hint, what="o")
-                        err = max(err, compare(
-                            check, rem, rem_ref, TOLERANCE.output[dtype], case, what="rem",
+                        err = max(err, compare_remainder(
+                            check, rem, rem_ref, TOLERANCE.output[dtype], case,
                             hint="rem = exp(sum of log(1 - beta) over the keys the query sees): 1 for a query that "
-                                 "sees no key; compute it from the log-space sum, never as 1 - sum(A)."))
+                                 "sees no key; compute it from the log-space sum, never as 1 - sum(A), which "
+                                 "cancels to noise where the stick is nearly used up."))
                         worst[dtype] = max(worst.get(dtype, 0.0), err)
                         n += 1
     return n, worst
