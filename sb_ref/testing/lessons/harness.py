@@ -215,14 +215,17 @@ def compare(check, got, ref, tol, case, hint, what="the output", *, elementwise=
     else:
         err, worst = rel_err(got, ref), int(diff.flatten().argmax())
         measure = "relative error (Frobenius)"
-    if not err <= tol:
-        index = np.unravel_index(worst, tuple(ref.shape))
-        raise AssertionError(
-            f"{check}: {what} is wrong for {case}\n"
-            f"  {measure} {err:.2e} > tolerance {tol:.1e}; worst entry at index {fmt_index(index)}: "
-            f"got {float(got[index]):.10g}, expected {float(ref[index]):.10g}\n"
-            f"  hint: {hint}")
+    _fail_unless(err <= tol, check, what, case, f"{measure} {err:.2e} > tolerance {tol:.1e}; worst entry", worst, got,
+                 ref, hint)
     return err
+
+
+def _fail_unless(ok, check, what, case, measured, worst, got, ref, hint):
+    """The failure message every comparison gives: what was measured, the worst entry, the hint."""
+    if not ok:
+        index = np.unravel_index(worst, tuple(ref.shape))
+        raise AssertionError(f"{check}: {what} is wrong for {case}\n  {measured} at index {fmt_index(index)}: "
+                             f"got {float(got[index]):.10g}, expected {float(ref[index]):.10g}\n  hint: {hint}")
 
 
 def compare_remainder(check, got, ref, tol, case, hint, what="rem"):
@@ -243,13 +246,8 @@ def compare_remainder(check, got, ref, tol, case, hint, what="rem"):
     err = torch.nan_to_num(err, nan=float("inf"))
     worst = int(err.flatten().argmax())
     value = float(err.flatten()[worst])
-    if not value <= tol:
-        index = np.unravel_index(worst, tuple(ref.shape))
-        raise AssertionError(
-            f"{check}: {what} is wrong for {case}\n"
-            f"  entry by entry, in log space: error {value:.2e} > tolerance {tol:.1e} at index {fmt_index(index)}: "
-            f"got {float(got[index]):.10g}, expected {float(ref[index]):.10g}\n"
-            f"  hint: {hint}")
+    _fail_unless(value <= tol, check, what, case, f"entry by entry, in log space: error {value:.2e} > tolerance "
+                 f"{tol:.1e}", worst, got, ref, hint)
     return value
 
 
