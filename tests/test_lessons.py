@@ -92,7 +92,7 @@ def weight_matrix(z, attend_current=False):
     "02_log_space": ({"log_sigmoids": '''
 def log_sigmoids(z):
     return torch.log(torch.sigmoid(z)), torch.log(1 - torch.sigmoid(z))   # the unstable logs
-'''}, {"test_log_sigmoids", "test_attention_gradients"}),
+'''}, {"test_log_sigmoids", "test_stable_attention", "test_attention_gradients"}),
     "03_attention_layer": ({"layer_forward": '''
 class StickBreakingLayer(nn.Module):
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, bias=False, remainder="self",

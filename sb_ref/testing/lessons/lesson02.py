@@ -120,7 +120,9 @@ def _attention_cases(check, attention, seed, shapes, dtypes, regimes, extra_kwar
                             check, rem, rem_ref, TOLERANCE.output[dtype], case,
                             hint="rem = exp(sum of log(1 - beta) over the keys the query sees): 1 for a query that "
                                  "sees no key; compute it from the log-space sum, never as 1 - sum(A), which "
-                                 "cancels to noise where the stick is nearly used up."))
+                                 "cancels to noise where the stick is nearly used up, and with the stable "
+                                 "log(1 - beta) of Exercise 1 (check_log_sigmoids): a naive log(1 - sigmoid(z)) is "
+                                 "-inf for large z, and the remainder 0."))
                         worst[dtype] = max(worst.get(dtype, 0.0), err)
                         n += 1
     return n, worst
