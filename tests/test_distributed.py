@@ -1,10 +1,11 @@
 """sb_ref.distributed: one sequence split over 2, 3 and 4 CPU processes (gloo), against the single-process op.
 
-Each test spawns one group of processes that runs every case of its kind (spawning costs seconds, the cases
-milliseconds); each rank reports what it measured, and the test asserts on every rank's report."""
+One group of processes per world size runs every case of that size (spawning costs seconds, the cases
+milliseconds); each rank reports what it measured, and each test asserts on every rank's report of its case."""
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -29,17 +30,22 @@ def _worker(rank, world, port, out, case):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        report = CASES[case](rank, world)
-    except Exception as exc:  # reported, so that the test shows every rank's error
-        report = {"error": f"{type(exc).__name__}: {exc}"}
+        report = _guarded(CASES[case], rank, world)
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(report, f)
 
 
-def _run(world, case, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), case), nprocs=world, join=True)
+def _run(world, case, tmp_path, timeout=300):
+    """Every rank's report of `case`; a group that does not finish within `timeout` seconds (a hang) fails."""
+    context = mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), case), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks running {case!r} did not finish within {timeout} s")
     return [json.load(open(tmp_path / f"{r}.json")) for r in range(world)]
 
 
@@ -166,41 +172,59 @@ def _case_layer(rank, world):
             "grads": max(_rel(p.grad, w) for p, w in zip(layer.parameters(), want))}
 
 
+# the cases each world size runs, in one spawn per world size
+BY_WORLD = {2: ("exact", "low_precision", "errors", "layer"), 3: ("exact", "early_exit", "deterministic"),
+            4: ("exact",)}
+
+
+def _case_all(rank, world):
+    return {case: _guarded(CASES[case], rank, world) for case in BY_WORLD[world]}
+
+
 CASES = {name[len("_case_"):]: fn for name, fn in globals().items() if name.startswith("_case_")}
 
 
-def _no_errors(reports):
-    for rank, report in enumerate(reports):
+def _guarded(fn, rank, world):
+    try:
+        return fn(rank, world)
+    except Exception as exc:  # reported, so that the test shows every rank's error
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """{world: [each rank's {case: report}]} for 2, 3 and 4 ranks."""
+    return {world: _run(world, "all", tmp_path_factory.mktemp(f"world{world}")) for world in BY_WORLD}
+
+
+def _case_reports(reports, world, case):
+    out = [by_case[case] for by_case in reports[world]]
+    for rank, report in enumerate(out):
         assert not (isinstance(report, dict) and "error" in report), f"rank {rank}: {report['error']}"
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_float64_matches_the_single_process_op_forward_and_backward(world, tmp_path):
-    reports = _run(world, "exact", tmp_path)
-    _no_errors(reports)
+def test_float64_matches_the_single_process_op_forward_and_backward(reports, world):
     out_tol, grad_tol = TOL[torch.float64]
-    for rank, report in enumerate(reports):
+    for rank, report in enumerate(_case_reports(reports, world, "exact")):
         assert len(report) == 6
         for row in report:
             assert row["o"] <= out_tol and row["rem"] <= out_tol, (rank, row)
             assert max(row["dq"], row["dk"], row["dv"]) <= grad_tol, (rank, row)
 
 
-def test_float32_and_bfloat16_stay_within_the_bounds(tmp_path):
-    reports = _run(2, "low_precision", tmp_path)
-    _no_errors(reports)
-    for row in reports[0]:
+def test_float32_and_bfloat16_stay_within_the_bounds(reports):
+    for row in _case_reports(reports, 2, "low_precision")[0]:
         out_tol, grad_tol = TOL[getattr(torch, row["dtype"].split(".")[-1])]
         assert row["o"] <= out_tol and row["rem"] <= out_tol, row
         assert max(row["dq"], row["dk"], row["dv"]) <= grad_tol, row
 
 
-def test_used_up_sticks_stop_the_walk_over_earlier_chunks(tmp_path):
-    reports = _run(3, "early_exit", tmp_path)
-    _no_errors(reports)
+def test_used_up_sticks_stop_the_walk_over_earlier_chunks(reports):
     out_tol, grad_tol = TOL[torch.float32]
     skipped = 0
-    for report in reports:
+    for report in _case_reports(reports, 3, "early_exit"):
         for name, row in report.items():
             full, visited = row["visits"]
             assert row["o"] <= out_tol and row["rem"] <= out_tol, (name, row)
@@ -208,19 +232,15 @@ def test_used_up_sticks_stop_the_walk_over_earlier_chunks(tmp_path):
             if name.startswith("long"):
                 assert visited == full, (name, row)
             skipped += full - visited
-    assert skipped > 0, reports
+    assert skipped > 0
 
 
-def test_the_distributed_backward_is_deterministic(tmp_path):
-    reports = _run(3, "deterministic", tmp_path)
-    _no_errors(reports)
-    assert all(report["equal"] for report in reports)
+def test_the_distributed_backward_is_deterministic(reports):
+    assert all(report["equal"] for report in _case_reports(reports, 3, "deterministic"))
 
 
-def test_inputs_that_do_not_fit_raise_on_every_rank(tmp_path):
-    reports = _run(2, "errors", tmp_path)
-    _no_errors(reports)
-    for report in reports:
+def test_inputs_that_do_not_fit_raise_on_every_rank(reports):
+    for report in _case_reports(reports, 2, "errors"):
         assert "split into 4 equal chunks" in report["shard"]
         assert "local length must be even" in report["odd_zigzag"]
         assert "same shapes" in report["shapes_differ"]
@@ -228,10 +248,8 @@ def test_inputs_that_do_not_fit_raise_on_every_rank(tmp_path):
         assert report["after"]  # the group still works after the errors
 
 
-def test_the_layer_trains_with_its_sequence_split(tmp_path):
-    reports = _run(2, "layer", tmp_path)
-    _no_errors(reports)
-    for report in reports:
+def test_the_layer_trains_with_its_sequence_split(reports):
+    for report in _case_reports(reports, 2, "layer"):
         assert report["y"] <= 1e-12 and report["grads"] <= 1e-10, report
 
 
