@@ -46,6 +46,11 @@ class RemoteFunction:
         self.__name__ = self.__qualname__ = name
         self.learner_name = target if isinstance(target, str) else None
 
+    def notebook_function(self, name):
+        """Another function of the learner's notebook, by its name there (a check whose exercise builds on an
+        earlier one checks that one too when it fails: :func:`sb_ref.testing.lessons.harness.builds_on`)."""
+        return RemoteFunction(self.session, name, name)
+
     def run_in_kernel(self, helper, *args):
         """Runs ``helper`` ("module:function", e.g. a speed probe) in the learner's kernel, with this function as
         its first argument: measurements of the learner's code are taken where that code runs."""

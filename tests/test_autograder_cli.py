@@ -101,6 +101,25 @@ def test_a_wrong_submission_loses_exactly_the_broken_exercises(tmp_path):
     assert "check_attention_numpy" in proc.stdout  # the check's message, printed under the failed row
 
 
+def test_a_failure_caused_by_an_earlier_exercise_says_so_through_the_grader(tmp_path):
+    lesson = "01_stick_breaking_numpy"
+    nb = nbformat.read(ROOT / "solutions" / lesson / f"{lesson}.ipynb", as_version=4)
+    cell = _solution_cell(nb, "weights_for_query")
+    assert cell.source.count("stick = stick * (1.0 - beta)") == 1
+    cell.source = cell.source.replace("stick = stick * (1.0 - beta)", "stick = stick")  # the stick never shrinks
+    path = tmp_path / "bob" / lesson / f"{lesson}.ipynb"
+    path.parent.mkdir(parents=True)
+    nbformat.write(nb, path)
+    proc = grader(tmp_path, "--with-hidden", "--json", tmp_path / "grades.json")
+    report = json.loads((tmp_path / "grades.json").read_text())
+    graded = {e["grade_id"]: e for nb in report["notebooks"] for e in nb["exercises"]}
+    assert {gid for gid, e in graded.items() if e["status"] != "passed"} == \
+        {"test_weights_for_query", "test_weight_matrix", "test_attention_numpy"}, proc.stdout
+    assert "fix check_weights_for_query first" in graded["test_weight_matrix"]["message"]
+    assert "fix check_weight_matrix first" in graded["test_attention_numpy"]["message"]
+    assert "builds on" not in graded["test_weights_for_query"]["message"]
+
+
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None, reason="needs make and git")
 def test_make_grade_on_a_fresh_clone_scores_the_untouched_release_zero_and_leaves_home_alone(tmp_path):
     venv = ROOT / ".venv"

@@ -263,6 +263,26 @@ def test_a_remainder_taken_as_one_minus_the_weights_fails_where_sticks_are_used_
     assert "rem is wrong" in message and "entry by entry" in message and "1 - sum(A)" in message
 
 
+def test_a_failure_caused_by_an_earlier_exercise_says_to_fix_that_one_first():
+    # weight_matrix is right but calls a weights_for_query that forgets to shrink the stick
+    namespace = {"np": np, "sigmoid": lambda x: 1 / (1 + np.exp(-x))}
+    exec(
+        "def weights_for_query(z_row, i, attend_current=False):\n"
+        "    w = np.zeros(len(z_row))\n"
+        "    for j in range(i if attend_current else i - 1, -1, -1):\n"
+        "        w[j] = sigmoid(z_row[j])\n"
+        "    return w\n"
+        "def weight_matrix(z, attend_current=False):\n"
+        "    return np.stack([weights_for_query(z[i], i, attend_current) for i in range(z.shape[0])])\n",
+        namespace)
+    message = failure("check_weight_matrix", namespace["weight_matrix"])
+    assert message.startswith("check_weight_matrix: `weights_for_query`, which `weight_matrix` builds on, is wrong: "
+                              "fix check_weights_for_query first")
+    assert "check_weights_for_query: the weights of query" in message
+    # a wrong weight_matrix over a right weights_for_query gets its own message only
+    assert "builds on" not in failure("check_weight_matrix", lambda z, attend_current=False: np.zeros_like(z) + 0.1)
+
+
 def test_gradients_of_naive_logs_fail_in_the_saturated_regime():
     def multiplied_mask(q, k, v, scale=None, attend_current=False):
         z = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5

@@ -70,6 +70,45 @@ def quietly(check):
     return wrapper
 
 
+def notebook_function(fn, name):
+    """The learner's function `name` from the notebook that defined fn: through the grader's handle of a learner
+    function (``notebook_function``), else from fn's globals; None where there is none."""
+    sibling = getattr(type(fn), "notebook_function", None)
+    if sibling is not None:
+        return sibling(fn, name)
+    found = getattr(fn, "__globals__", {}).get(name)
+    return found if callable(found) else None
+
+
+def builds_on(*earlier):
+    """For a check whose exercise builds on earlier ones (``(name in the notebook, its check)`` pairs): when the
+    check fails and an earlier exercise fails its own check, the message says to fix that one first, and gives
+    its failure, since it is the likely cause. Stubs say "not attempted yet" as before."""
+    def wrap(check):
+        @functools.wraps(check)
+        def checked(fn, *args, **kwargs):
+            try:
+                return check(fn, *args, **kwargs)
+            except AssertionError as exc:
+                if "not attempted yet" in str(exc):
+                    raise
+                for name, earlier_check in earlier:
+                    before = notebook_function(fn, name)
+                    if before is None:
+                        continue
+                    try:
+                        with contextlib.redirect_stdout(io.StringIO()):
+                            earlier_check(before)
+                    except AssertionError as first:
+                        raise AssertionError(
+                            f"{check.__name__}: `{name}`, which `{name_of(fn)}` builds on, is wrong: fix "
+                            f"{earlier_check.__name__} first, then run this check again. Its failure:\n{first}"
+                        ) from None
+                raise
+        return checked
+    return wrap
+
+
 # --------------------------------------------------------------------------------------------------------------
 # stubs: "not attempted yet"
 

@@ -10,7 +10,7 @@ import torch
 
 from ...weights import stick_breaking_weights
 from ..core import REGIMES, make_inputs, oracle_attention
-from .harness import as_float64, call, compare, fmt_case, quietly, regime_logits, unpack, verdict
+from .harness import as_float64, builds_on, call, compare, fmt_case, quietly, regime_logits, unpack, verdict
 
 __all__ = ["check_weights_for_query", "check_weight_matrix", "check_attention_numpy"]
 
@@ -78,6 +78,7 @@ def check_weights_for_query(weights_for_query, *, seed=0, sizes=(9, 1, 2, 33)):
     verdict(check, n, f"regimes {', '.join(REGIMES)}; T in {tuple(sizes)}; attend_current both ways")
 
 
+@builds_on(("weights_for_query", check_weights_for_query))
 @quietly
 def check_weight_matrix(weight_matrix, *, seed=0, sizes=(17, 1, 2, 48)):
     """Lesson 01: ``weight_matrix(z, attend_current=False)`` -> the (T, T) stick-breaking weights."""
@@ -96,6 +97,7 @@ def check_weight_matrix(weight_matrix, *, seed=0, sizes=(17, 1, 2, 48)):
     verdict(check, n, f"regimes {', '.join(REGIMES)}; T in {tuple(sizes)}; attend_current both ways", worst)
 
 
+@builds_on(("weight_matrix", check_weight_matrix))
 @quietly
 def check_attention_numpy(attention_numpy, *, seed=0, shapes=((7, 12, 5), (1, 16, 16), (40, 24, 24))):
     """Lesson 01: ``attention_numpy(q, k, v, attend_current=False)`` on one head -> ``(o, rem)``.

@@ -13,8 +13,8 @@ from torch.autograd.gradcheck import GradcheckError
 from ... import weights
 from ..core import REGIMES, make_inputs, oracle_attention
 from . import references
-from .harness import (TOLERANCE, as_float64, call, compare, compare_remainder, fmt_case, name_of, not_attempted,
-                      quiet, quietly, unpack, verdict, worst_by_dtype)
+from .harness import (TOLERANCE, as_float64, builds_on, call, compare, compare_remainder, fmt_case, name_of,
+                      not_attempted, quiet, quietly, unpack, verdict, worst_by_dtype)
 from .lesson01 import weights_hint
 
 __all__ = ["check_log_sigmoids", "check_reverse_exclusive_cumsum", "check_stable_weights", "check_stable_attention",
@@ -68,6 +68,7 @@ def check_reverse_exclusive_cumsum(reverse_exclusive_cumsum, *, seed=0, shapes=(
     verdict(check, len(shapes), f"shapes {tuple(shapes)}")
 
 
+@builds_on(("log_sigmoids", check_log_sigmoids), ("reverse_exclusive_cumsum", check_reverse_exclusive_cumsum))
 @quietly
 def check_stable_weights(stable_weights, *, seed=0, sizes=(7, 1, 64, 300), dtypes=(torch.float64, torch.float32,
                                                                                   torch.bfloat16)):
@@ -128,6 +129,7 @@ def _attention_cases(check, attention, seed, shapes, dtypes, regimes, extra_kwar
     return n, worst
 
 
+@builds_on(("stable_weights", check_stable_weights))
 @quietly
 def check_stable_attention(stable_attention, *, seed=0, shapes=_ATTENTION_SHAPES,
                            dtypes=(torch.float64, torch.float32, torch.bfloat16), regimes=REGIMES):
