@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from ...attention import stick_breaking_attention
 from ..core import REGIMES, make_inputs, oracle_attention, rel_err
-from .harness import (TOLERANCE, call, compare, default_device, fmt_case, probe_memory, quietly, regime_logits, unpack,
-                      verdict, worst_by_dtype)
+from .harness import (TOLERANCE, builds_on, call, compare, default_device, fmt_case, probe_memory, quietly,
+                      regime_logits, unpack, verdict, worst_by_dtype)
 
 __all__ = ["check_log_sigmoids_triton", "check_sb_forward", "check_sb_forward_memory"]
 
@@ -128,6 +128,7 @@ def _forward_case(check, sb_forward, regime, shape, dtype, attend_current, seed,
     return err, (q, k, v, o_ref)
 
 
+@builds_on(("log_sigmoids_of", check_log_sigmoids_triton))
 @quietly
 def check_sb_forward(sb_forward, *, seed=0, cases=_FORWARD_CASES, regimes=REGIMES, gpu_cases=_GPU_CASES):
     """Lesson 06: ``sb_forward(q, k, v, attend_current=False, block_m=16, block_n=16)`` -> ``(o, rem)``.

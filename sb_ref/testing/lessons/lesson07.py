@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from ..core import REGIMES, make_inputs, rel_err
 from .references import attention_gradients, tile_gradients, visible
-from .harness import (TOLERANCE, call, compare, default_device, find_stub, fmt_case, not_attempted, quiet, quietly,
-                      unpack, verdict)
+from .harness import (TOLERANCE, builds_on, call, compare, default_device, find_stub, fmt_case, not_attempted,
+                      quiet, quietly, unpack, verdict)
 
 __all__ = ["check_dl_and_dz", "check_dq", "check_dkdv", "check_sb_attention"]
 
@@ -112,6 +112,7 @@ def _close(got, ref, tol=1e-8):
 # --------------------------------------------------------------------------------------------------------------
 # exercise 2: the query-major kernel (dq and delta)
 
+@builds_on(("dl_and_dz", check_dl_and_dz))
 @quietly
 def check_dq(sb_backward_dq, *, seed=0, cases=_KERNEL_CASES, regimes=REGIMES):
     """``sb_backward_dq(q, k, v, dO, g, attend_current=False, BLOCK_M=16, BLOCK_N=16)`` -> ``(dq, delta)`` in float32:
@@ -149,6 +150,7 @@ def check_dq(sb_backward_dq, *, seed=0, cases=_KERNEL_CASES, regimes=REGIMES):
 # --------------------------------------------------------------------------------------------------------------
 # exercise 3: the key-major kernel (dk and dv)
 
+@builds_on(("dl_and_dz", check_dl_and_dz))
 @quietly
 def check_dkdv(sb_backward_dkdv, *, seed=0, cases=_KERNEL_CASES, regimes=REGIMES):
     """``sb_backward_dkdv(q, k, v, dO, g, delta, attend_current=False, BLOCK_M=16, BLOCK_N=16)`` -> ``(dk, dv)`` in
@@ -194,6 +196,7 @@ def check_dkdv(sb_backward_dkdv, *, seed=0, cases=_KERNEL_CASES, regimes=REGIMES
 _ATTENTION_CASES = ((1, 2, 29, 16, 24), (1, 1, 1, 16, 16))
 
 
+@builds_on(("sb_backward_dq", check_dq), ("sb_backward_dkdv", check_dkdv))
 @quietly
 def check_sb_attention(sb_attention, *, seed=0, cases=_ATTENTION_CASES, regimes=REGIMES):
     """``sb_attention(q, k, v, attend_current=False)`` -> ``(o, rem)``, differentiable through both: o and rem
