@@ -27,12 +27,64 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma, \
     warpgroup_mma_wait
+from triton.runtime.jit import constexpr_function
 
 from .forward import FWD_V_SCALE
 from .operands import forward_table
 
 LOG2E = gl.constexpr(1.4426950408889634)
 SLOTS = gl.constexpr(3)  # the ring of key and value tiles in shared memory
+
+
+@constexpr_function
+def mma_layout(n, num_warps):
+    """wgmma's accumulator layout of a [16 * num_warps, n] tile (a warpgroup per 64 rows)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@constexpr_function
+def a_operand(parent):
+    """The layout of a 16-bit left operand in registers for a product whose result has layout `parent`."""
+    return gl.DotOperandLayout(operand_index=0, parent=parent, k_width=2)
+
+
+@constexpr_function
+def load_layout(d, num_warps):
+    """Rows of d 16-bit values loaded 16 bytes per thread."""
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (d // 8), d // 8],
+                            warps_per_cta=[num_warps, 1], order=[1, 0])
+
+
+@gluon.jit
+def _q_tile(Q, s_qt, m0, T, Q_SMEM: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, LOAD: gl.constexpr):
+    """The program's queries (rows past T as zeros) in shared memory; Q points at the program's head."""
+    o_qm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
+    o_qd = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
+    b_q = gl.load(Q + gl.expand_dims(o_qm, 1) * s_qt + gl.expand_dims(o_qd, 0),
+                  mask=gl.expand_dims(o_qm < T, 1) & gl.expand_dims(o_qd < D, 0), other=0.0)
+    return gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], Q_SMEM, b_q)
+
+
+@gluon.jit
+def _triangle(TRI_SMEM: gl.constexpr, BLOCK_N: gl.constexpr, LOAD: gl.constexpr):
+    """The in-tile cumsum's 0/1 matrix in shared memory: [k, j] = 1 where key k is nearer than key j."""
+    o_tk = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
+    o_tj = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LOAD))
+    tri = (gl.expand_dims(o_tk, 1) > gl.expand_dims(o_tj, 0)).to(gl.float16)
+    return gl.allocate_shared_memory(gl.float16, [BLOCK_N, BLOCK_N], TRI_SMEM, tri)
+
+
+@gluon.jit
+def _store_outputs(O, REM, SC, b_o, b_s, m0, o_m, s_ot, T, BLOCK_M: gl.constexpr, D: gl.constexpr,
+                   O_MMA: gl.constexpr):
+    """o (v's power-of-two scale undone) and rem = 2^S of the program's rows o_m (from m0); O and REM point at its
+    head."""
+    b_o = b_o * gl.load(SC + FWD_V_SCALE)
+    o_om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, O_MMA))
+    o_od = gl.arange(0, D, layout=gl.SliceLayout(0, O_MMA))
+    gl.store(O + gl.expand_dims(o_om, 1) * s_ot + gl.expand_dims(o_od, 0), b_o.to(O.dtype.element_ty),
+             mask=gl.expand_dims(o_om < T, 1) & gl.expand_dims(o_od < D, 0))
+    gl.store(REM + o_m, gl.exp2(b_s), mask=o_m < T)
 
 
 @gluon.jit
@@ -129,14 +181,11 @@ def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_k
     A_IN_REGISTERS, A enters its product from registers (kept alive until that product is waited for) instead of
     through shared memory."""
     IN_FLIGHT: gl.constexpr = 1 if OVERLAP else 0
-    S_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BLOCK_N, 16])
-    O_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, D, 16])
-    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_MMA, k_width=2)
-    AV_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_MMA, k_width=2)
-    LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
-                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    S_MMA: gl.constexpr = mma_layout(BLOCK_N, num_warps)
+    O_MMA: gl.constexpr = mma_layout(D, num_warps)
+    A_OP: gl.constexpr = a_operand(S_MMA)
+    AV_OP: gl.constexpr = a_operand(O_MMA)
+    LOAD: gl.constexpr = load_layout(D, num_warps)
     ROWS: gl.constexpr = gl.SliceLayout(1, S_MMA)
 
     i_bh = gl.program_id(0)
@@ -155,18 +204,11 @@ def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_k
     SC += (i_b * (H // GROUP) + i_h // GROUP) * 2
 
     # shared memory: q, the rings of k and v, A's tile, the triangle of the in-tile cumsum
-    o_qm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
-    o_qd = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
-    b_q = gl.load(Q + gl.expand_dims(o_qm, 1) * s_qt + gl.expand_dims(o_qd, 0),
-                  mask=gl.expand_dims(o_qm < T, 1) & gl.expand_dims(o_qd < D, 0), other=0.0)
-    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], Q_SMEM, b_q)
+    q_smem = _q_tile(Q, s_qt, m0, T, Q_SMEM, BLOCK_M, D, LOAD)
     k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [SLOTS, BLOCK_N, D], K_SMEM)
     v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [SLOTS, BLOCK_N, D], V_SMEM)
     a_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, BLOCK_N], A_SMEM)
-    o_tk = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
-    o_tj = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LOAD))
-    tri = (gl.expand_dims(o_tk, 1) > gl.expand_dims(o_tj, 0)).to(gl.float16)  # [k, j] = 1 where k is nearer
-    tri_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_N, BLOCK_N], TRI_SMEM, tri)
+    tri_smem = _triangle(TRI_SMEM, BLOCK_N, LOAD)
 
     _load_kv(K, V, k_ring, v_ring, 0, nb_hi - 1, s_kt, s_vt, T, BLOCK_N, D, LOAD)
     _load_kv(K, V, k_ring, v_ring, 1, nb_hi - 2, s_kt, s_vt, T, BLOCK_N, D, LOAD)
@@ -191,14 +233,7 @@ def hopper_forward_kernel(Q, K, V, O, REM, SC, s_q0, s_q1, s_qt, s_k0, s_k1, s_k
                                     IN_FLIGHT, BLOCK_N, D, LOAD, A_OP, AV_OP)
     b_o = warpgroup_mma_wait(0, deps=(b_o,))
     async_copy.wait_group(0)
-
-    # v may be a float16 copy scaled by a power of two: undo the scale
-    b_o = b_o * gl.load(SC + FWD_V_SCALE)
-    o_om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, O_MMA))
-    o_od = gl.arange(0, D, layout=gl.SliceLayout(0, O_MMA))
-    gl.store(O + gl.expand_dims(o_om, 1) * s_ot + gl.expand_dims(o_od, 0), b_o.to(O.dtype.element_ty),
-             mask=gl.expand_dims(o_om < T, 1) & gl.expand_dims(o_od < D, 0))
-    gl.store(REM + o_m, gl.exp2(b_s), mask=o_m < T)
+    _store_outputs(O, REM, SC, b_o, b_s, m0, o_m, s_ot, T, BLOCK_M, D, O_MMA)
 
 
 def shared_layouts(dtype, block_m, block_n, d):
@@ -211,18 +246,10 @@ def shared_layouts(dtype, block_m, block_n, d):
                 TRI_SMEM=gl.NVMMASharedLayout.get_default_for([block_n, block_n], gl.float16))
 
 
-def hopper_covers(q, k, v, cu_seqlens=None):
-    """Whether the Hopper forward takes this call: an sm_90 GPU, 16-bit inputs, one head dim of 64 or 128 for q, k
-    and v, whole sequences (no cu_seqlens), unit stride along the head dim."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and cu_seqlens is None
-            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] in (64, 128)
-            and all(x.stride(-1) == 1 for x in (q, k, v)))
-
-
 def hopper_forward(q, k, v, scale, attend_current, block_n=32, maxnreg=None, overlap=True, a_in_registers=False,
                    warpgroups=1):
-    """(o, rem) of q (B, H, T, D), k and v (B, Hk, T, D) on a Hopper GPU (hopper_covers), walking every key.
+    """(o, rem) of q (B, H, T, D), k and v (B, Hk, T, D) on an sm_90 GPU, walking every key: 16-bit inputs, one
+    head dim of 64 or 128 for q, k and v, whole sequences, unit stride along the head dim.
     block_n: keys per tile; maxnreg caps the registers per thread (ptxas), for more programs per SM; overlap=False
     waits for every product right away (the ablation); a_in_registers feeds A to its product from registers;
     warpgroups: warpgroups per program, 64 query rows each."""

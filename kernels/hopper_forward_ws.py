@@ -7,7 +7,7 @@ consumer's products that read the slot are done). The consumer warpgroup runs th
 hopper_forward.py (A from registers, products asynchronous) and never waits at a barrier of the whole CTA.
 
 TMA reads k and v as (B * Hk * T, D) matrices, so a tile past a head's last key would hold the next head's first
-keys: the path takes sequences whose length is a multiple of the tile (hopper_ws_covers), where that never happens.
+keys: the path takes sequences whose length is a multiple of the tile, where that never happens.
 """
 import torch
 import triton
@@ -19,7 +19,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .forward import FWD_V_SCALE
-from .hopper_forward import LOG2E, SLOTS, _tile_logs, hopper_covers, shared_layouts
+from .hopper_forward import LOG2E, SLOTS, _q_tile, _tile_logs, _triangle, a_operand, load_layout, mma_layout, \
+    shared_layouts
 from .operands import forward_table
 
 
@@ -65,12 +66,10 @@ def _consumer(O, REM, SC, s_o0, s_o1, s_ot, i_b, i_h, H, T, m0, nb_hi, n_masked,
               ready, empty, tri_smem, ATTEND_CURRENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               D: gl.constexpr, num_warps: gl.constexpr):
     """The walk over the key blocks (the default partition, one warpgroup), then o and rem."""
-    S_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BLOCK_N, 16])
-    O_MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, D, 16])
-    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_MMA, k_width=2)
-    AV_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_MMA, k_width=2)
+    S_MMA: gl.constexpr = mma_layout(BLOCK_N, num_warps)
+    O_MMA: gl.constexpr = mma_layout(D, num_warps)
+    A_OP: gl.constexpr = a_operand(S_MMA)
+    AV_OP: gl.constexpr = a_operand(O_MMA)
     ROWS: gl.constexpr = gl.SliceLayout(1, S_MMA)
 
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_MMA)
@@ -106,8 +105,7 @@ def hopper_forward_ws_kernel(Q, k_desc, v_desc, O, REM, SC, s_q0, s_q1, s_qt, s_
                              BLOCK_N: gl.constexpr, Q_SMEM: gl.constexpr, TRI_SMEM: gl.constexpr,
                              num_warps: gl.constexpr):
     """o and rem of one query block: k_desc and v_desc are TMA descriptors of k and v as (B * Hk * T, D)."""
-    LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
-                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    LOAD: gl.constexpr = load_layout(D, num_warps)
     i_bh = gl.program_id(0)
     i_m = gl.num_programs(1) - 1 - gl.program_id(1)  # heaviest blocks first
     i_b = i_bh // H
@@ -118,17 +116,10 @@ def hopper_forward_ws_kernel(Q, k_desc, v_desc, O, REM, SC, s_q0, s_q1, s_qt, s_
     SC += (i_b * (H // GROUP) + i_h // GROUP) * 2
 
     Q += i_b.to(gl.int64) * s_q0 + i_h.to(gl.int64) * s_q1
-    o_qm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
-    o_qd = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
-    b_q = gl.load(Q + gl.expand_dims(o_qm, 1) * s_qt + gl.expand_dims(o_qd, 0),
-                  mask=gl.expand_dims(o_qm < T, 1) & gl.expand_dims(o_qd < D, 0), other=0.0)
-    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], Q_SMEM, b_q)
+    q_smem = _q_tile(Q, s_qt, m0, T, Q_SMEM, BLOCK_M, D, LOAD)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [SLOTS, BLOCK_N, D], k_desc.layout)
     v_ring = gl.allocate_shared_memory(v_desc.dtype, [SLOTS, BLOCK_N, D], v_desc.layout)
-    o_tk = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
-    o_tj = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LOAD))
-    tri = (gl.expand_dims(o_tk, 1) > gl.expand_dims(o_tj, 0)).to(gl.float16)
-    tri_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_N, BLOCK_N], TRI_SMEM, tri)
+    tri_smem = _triangle(TRI_SMEM, BLOCK_N, LOAD)
     fence_async_shared()
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
@@ -147,11 +138,6 @@ def hopper_forward_ws_kernel(Q, k_desc, v_desc, O, REM, SC, s_q0, s_q1, s_qt, s_
         mbarrier.invalidate(empty.index(i))
 
 
-def hopper_ws_covers(q, k, v, block_n=32, cu_seqlens=None):
-    """hopper_covers, and a length that is a multiple of the tile (see the module's docstring)."""
-    return hopper_covers(q, k, v, cu_seqlens) and q.shape[2] % block_n == 0
-
-
 def tma_descriptors(k, v_op, block_n, layouts):
     """TMA descriptors of k and v's operand as (B * Hk * T, D) matrices, tiles of block_n keys."""
     descs = []
@@ -162,8 +148,8 @@ def tma_descriptors(k, v_op, block_n, layouts):
 
 
 def hopper_forward_ws(q, k, v, scale, attend_current, block_n=32, maxnreg=None, warpgroups=1):
-    """(o, rem) as hopper_forward, with the producer warp (hopper_ws_covers); warpgroups: consumer warpgroups per
-    program, 64 query rows each."""
+    """(o, rem) as hopper_forward (and for the inputs it takes), with the producer warp, for lengths that are a
+    multiple of block_n; warpgroups: consumer warpgroups per program, 64 query rows each."""
     B, H, T, D = q.shape
     o = torch.empty_like(q)
     rem = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
