@@ -1,10 +1,10 @@
 """Registers, spills and instruction mix of each kernel compiled for an H100 (sm_90), on any machine.
 
-    python benchmarks/compile_report.py [--dims 128,64] [--kernels fwd,dq,dkdv,hopper_fwd] [--out DIR]
+    python benchmarks/compile_report.py [--dims 128,64] [--kernels fwd,dq,dkdv,hopper_fwd,hopper_dkdv] [--out DIR]
 
-No GPU needed: the kernels of kernels/forward.py and kernels/backward.py (and the Gluon forward of
-kernels/hopper_forward.py, hopper_fwd, when asked for) are compiled with `triton.compile` for
-`GPUTarget("cuda", 90, 32)`, with the tiles of the default LaunchConfig for bfloat16 inputs (so the backward's operands are the
+No GPU needed: the kernels of kernels/forward.py and kernels/backward.py (and the Gluon kernels when asked for:
+hopper_fwd and hopper_fwd_ws of kernels/hopper_forward*.py, hopper_dkdv of kernels/hopper_backward.py) are
+compiled with `triton.compile` for `GPUTarget("cuda", 90, 32)`, with the tiles of the default LaunchConfig for bfloat16 inputs (so the backward's operands are the
 float16 copies it makes), and the ptxas and nvdisasm that ship with triton report on the result. Per kernel:
 registers, spill bytes, and counts of the SASS instructions that decide speed here: HGMMA (Hopper's wgmma
 tensor-core path) against HMMA (the older one), MUFU (the special-function unit: exp2), the float32 ALU
@@ -44,6 +44,7 @@ from sb_ref.kernels.backward import dkdv_kernel, dq_kernel  # noqa: E402
 from sb_ref.kernels.forward import forward_kernel  # noqa: E402
 from sb_ref.kernels.hopper_forward import SLOTS, hopper_forward_kernel, shared_layouts  # noqa: E402
 from sb_ref.kernels.hopper_forward_ws import hopper_forward_ws_kernel, tma_descriptors  # noqa: E402
+from sb_ref.kernels import hopper_backward  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 OPS = ["HGMMA", "HMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "LOP3", "F2F", "F2FP", "LDL", "STL"]
@@ -56,9 +57,10 @@ POINTERS = {
                  DV_="bf16", MB_STOP="i32", CU="i32", SC="fp32"),
 }
 KERNELS = {"fwd": forward_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel, "hopper_fwd": hopper_forward_kernel,
-           "hopper_fwd_ws": hopper_forward_ws_kernel}
+           "hopper_fwd_ws": hopper_forward_ws_kernel, "hopper_dkdv": hopper_backward.hopper_dkdv_kernel}
 POINTERS["hopper_fwd"] = dict(Q="bf16", K="bf16", V="fp16", O="bf16", REM="fp32", SC="fp32")
 POINTERS["hopper_fwd_ws"] = dict(Q="bf16", O="bf16", REM="fp32", SC="fp32")
+POINTERS["hopper_dkdv"] = {name: kind for name, kind in POINTERS["dkdv"].items() if name != "CU"}
 HOPPER_TILE = (64, 32, 4)  # BLOCK_M, BLOCK_N, warps: hopper_forward's launch
 
 
@@ -99,10 +101,37 @@ def compile_hopper_forward(dim, block_n=HOPPER_TILE[1], maxnreg=None, a_in_regis
     return compiled, (block_m, block_n, warps, SLOTS.value, maxnreg)
 
 
+def compile_hopper_dkdv(dim, early_exit=True):
+    """The Gluon dk/dv kernel as hopper_backward.hopper_dkdv launches it for bfloat16 inputs (float16 operands)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    block_m, block_n = hopper_backward.TILE_M, hopper_backward.TILE_N
+    values = dict(D=dim, ATTEND_CURRENT=False, EARLY_EXIT=early_exit, EARLY_NEXT=False, BLOCK_M=block_m,
+                  BLOCK_N=block_n, num_warps=4, **hopper_backward.shared_layouts(block_m, block_n, dim))
+    fn = KERNELS["hopper_dkdv"]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[arg], constexprs[arg] = "constexpr", values[arg]
+        elif arg in POINTERS["hopper_dkdv"]:
+            signature[arg] = "*" + POINTERS["hopper_dkdv"][arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("s_") or arg in ("T", "CHUNK"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4))
+    return compiled, (block_m, block_n, 4, hopper_backward.SLOTS.value, None)
+
+
 def compile_kernel(name, dim, config=LaunchConfig()):
     """triton.compile of one kernel as a launch with bfloat16 inputs of head dim `dim` would specialise it."""
     if name.startswith("hopper_fwd"):
         return compile_hopper_forward(dim, producer=name == "hopper_fwd_ws")
+    if name == "hopper_dkdv":
+        return compile_hopper_dkdv(dim, config.early_exit)
     fn = KERNELS[name]
     tile = getattr(config.gpu.tiles(dim, torch.bfloat16), name)
     values = dict(D=dim, DV=dim, BLOCK_D=dim, BLOCK_DV=dim, VARLEN=False, ATTEND_CURRENT=False, UPCAST=False,

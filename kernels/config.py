@@ -96,13 +96,15 @@ class LaunchConfig:
     early_exit_varlen: packed batches (cu_seqlens) take early exit too (their early-exit forward ran 5% slower
     where sticks last, kernels/README.md); f16_products: 16-bit inputs multiply every computed tile as one float16
     product (bfloat16 operands as float16 copies scaled per kv-head), else the forward's A goes in as a bfloat16
-    hi + lo pair; max_chunks: chunks of the backward's carry table per sequence."""
+    hi + lo pair; max_chunks: chunks of the backward's carry table per sequence; hopper_dkdv: on a Hopper GPU, dk
+    and dv by the Gluon kernel (kernels/hopper_backward.py) where it covers the call."""
     gpu: TargetConfig = GPU
     interpreter: TargetConfig = INTERPRETER
     early_exit: bool = True
     early_exit_varlen: bool = False
     f16_products: bool = True
     max_chunks: int = 32
+    hopper_dkdv: bool = False
 
     def target(self, upcast):
         return self.interpreter if upcast else self.gpu

@@ -88,8 +88,9 @@ def _store_outputs(O, REM, SC, b_o, b_s, m0, o_m, s_ot, T, BLOCK_M: gl.constexpr
 
 
 @gluon.jit
-def _log_sigmoids(z):
-    """(log2 beta, log2(1 - beta)) of base-2 logits: tile_math.log_sigmoids with its short (16-bit) polynomial."""
+def log_sigmoids(z):
+    """(log2 beta, log2(1 - beta), beta, 1 - beta) of base-2 logits: tile_math.log_sigmoids with its short (16-bit)
+    polynomial (what a kernel leaves unused costs nothing)."""
     e = gl.exp2(-gl.abs(z))
     p = e * 0.033822045969008445 - 0.14447109569887714
     p = p * e + 0.30163800973506666
@@ -97,7 +98,9 @@ def _log_sigmoids(z):
     p = p * e + 0.7203587726757784
     p = p * e - 1.4426814680651523
     nl1p = e * p
-    return gl.minimum(z, 0.0) + nl1p, nl1p - gl.maximum(z, 0.0)
+    r = gl.exp2(nl1p)
+    er = e * r
+    return gl.minimum(z, 0.0) + nl1p, nl1p - gl.maximum(z, 0.0), gl.where(z >= 0, r, er), gl.where(z >= 0, er, r)
 
 
 @gluon.jit
@@ -105,7 +108,7 @@ def _tile_logs(b_z, qk_scale, o_m, kb, zero_s, MASKED: gl.constexpr, ATTEND_CURR
                BLOCK_N: gl.constexpr, A_OP: gl.constexpr):
     """(log2 beta, log2(1 - beta)) of a tile of logits b_z (key block kb; MASKED: the keys a row may not see get
     beta = 0), and log2(1 - beta) >= -6e4 as the float16 hi + lo operands of the in-tile cumsum's two products."""
-    b_lb, b_lom = _log_sigmoids(b_z * qk_scale)
+    b_lb, b_lom, _, _ = log_sigmoids(b_z * qk_scale)
     if MASKED:
         o_n = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
         if ATTEND_CURRENT:

@@ -94,9 +94,13 @@ def backward_dkdv(p, ops, lo, delta_g, tw, tr, chunk, scale, attend_current, rec
     tile = p.tile("dkdv")
     assert chunk % tile.block_n == 0
     n_chunks = tw.shape[2]
-    mb_stop = tw if lo is None else exit_bounds(lo, p.cu, p.n_seq, p.varlen, tile.block_m, tile.block_n)
+    mb_stop = None if lo is None else exit_bounds(lo, p.cu, p.n_seq, p.varlen, tile.block_m, tile.block_n)
+    if p.config.hopper_dkdv and not p.upcast:
+        from . import hopper_backward  # Gluon: imported only where it can run
+        if hopper_backward.covers(p):
+            return hopper_backward.hopper_dkdv(p, ops, mb_stop, delta_g, tw, tr, chunk, scale, attend_current)
     compiled = dkdv_kernel[(p.B * p.n_seq * hk, n_chunks)](
-        q, k, v, do, delta_g, tw, tr, dk, dv, mb_stop, p.cu, table, scale=float(scale), CHUNK=chunk,
+        q, k, v, do, delta_g, tw, tr, dk, dv, tw if mb_stop is None else mb_stop, p.cu, table, scale=float(scale), CHUNK=chunk,
         N_CHUNKS=n_chunks, s_q=q.stride(), s_k=k.stride(), s_v=v.stride(), s_do=do.stride(), **p.sizes(q.dtype), ATTEND_CURRENT=bool(attend_current), SCAN_L=tile.scan_l,
         SCAN_DL=tile.scan_dl, EARLY_EXIT=lo is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         **tile.launch_options())
