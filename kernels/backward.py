@@ -23,12 +23,13 @@ from .tile_math import LOG2E, causal_log_sigmoids, exclusive_cumsum, load_tile, 
 
 
 @triton.jit
-def _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, m_m, K, V, s_k, s_v, TW, TR, seq_start, seq_end, nb_lo, nb_hi,
-             qk_scale, log2_dz_scale, T, CHUNK, TRI_L, TRI_C, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+def _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, o_vis, m_m, K, V, s_k, s_v, TW, TR, seq_start, seq_end, nb_lo,
+             nb_hi, qk_scale, log2_dz_scale, T, CHUNK, TRI_L, TRI_C, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
              UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
              SCAN_DL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr):
-    """Key blocks nb_hi - 1 down to nb_lo into dq, X, W and R, storing (W, R) at each chunk boundary crossed."""
+    """Key blocks nb_hi - 1 down to nb_lo into dq, X, W and R, storing (W, R) of rows o_m at each chunk boundary
+    crossed; o_vis are the rows' positions for the causal mask (o_m, or a segment's end: kernels/segment.py)."""
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for it in range(nb_hi - nb_lo):
@@ -37,7 +38,7 @@ def _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, m_m, K, V, s_k, s_v, TW, 
         m_n = o_n < seq_end
         b_k = load_tile(K, o_n, o_d, s_k[2], s_k[3], m_n, D, BLOCK_D, UPCAST)
         b_v = load_tile(V, o_n, o_dv, s_v[2], s_v[3], m_n, DV, BLOCK_DV, UPCAST)
-        _, b_lb, b_lom, b_beta, b_om, m_vis = causal_log_sigmoids(b_q, b_k, qk_scale, o_m, o_n, MASKED,
+        _, b_lb, b_lom, b_beta, b_om, m_vis = causal_log_sigmoids(b_q, b_k, qk_scale, o_vis, o_n, MASKED,
                                                                   ATTEND_CURRENT, DOT_DTYPE != tl.float32, PRECISION)
         if MASKED:
             b_beta = tl.where(m_vis, b_beta, 0.0)
@@ -106,13 +107,13 @@ def dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, CHUNK
     b_x = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dq, b_x, b_w, b_r = _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, m_m, K, V, s_k, s_v, TW, TR, seq_start,
-                                   seq_end, nb_full, nb_hi, qk_scale, log2_dz_scale, T, CHUNK, TRI_L, TRI_C,
+    b_dq, b_x, b_w, b_r = _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, o_m, m_m, K, V, s_k, s_v, TW, TR,
+                                   seq_start, seq_end, nb_full, nb_hi, qk_scale, log2_dz_scale, T, CHUNK, TRI_L, TRI_C,
                                    MASKED=True, ATTEND_CURRENT=ATTEND_CURRENT, UPCAST=UPCAST, DOT_DTYPE=DOT_DTYPE,
                                    PRECISION=PRECISION, SCAN_L=SCAN_L, SCAN_DL=SCAN_DL, D=D, DV=DV, BLOCK_N=BLOCK_N,
                                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
-    b_dq, b_x, b_w, b_r = _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, m_m, K, V, s_k, s_v, TW, TR, seq_start,
-                                   seq_end, 0, nb_full, qk_scale, log2_dz_scale, T, CHUNK, TRI_L, TRI_C,
+    b_dq, b_x, b_w, b_r = _dq_walk(b_dq, b_x, b_w, b_r, b_q, b_do, b_g, o_m, o_m, m_m, K, V, s_k, s_v, TW, TR,
+                                   seq_start, seq_end, 0, nb_full, qk_scale, log2_dz_scale, T, CHUNK, TRI_L, TRI_C,
                                    MASKED=False, ATTEND_CURRENT=ATTEND_CURRENT, UPCAST=UPCAST, DOT_DTYPE=DOT_DTYPE,
                                    PRECISION=PRECISION, SCAN_L=SCAN_L, SCAN_DL=SCAN_DL, D=D, DV=DV, BLOCK_N=BLOCK_N,
                                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
@@ -124,12 +125,13 @@ def dq_kernel(Q, K, V, DO, REM, DREM, DQ, DELTA, TW, TR, CU, SC, scale, T, CHUNK
 
 @triton.jit
 def _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, Q, DO, s_q, s_do, DELTA, TW, TR, seq_start, seq_end, mb_lo, mb_hi,
-               qk_scale, dz_scale, TRI_L, TRI_C, MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+               qk_scale, dz_scale, TRI_L, TRI_C, MASKED: tl.constexpr, SEGMENT_END, ATTEND_CURRENT: tl.constexpr,
                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCAN_L: tl.constexpr,
                SCAN_DL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Query blocks [mb_lo, mb_hi) of one q-head against one key block into dk and dv (transposed), advancing the
-    rows' carries in the table."""
+    rows' carries in the table. SEGMENT_END: None, or a segment's end, where every row sits for the causal mask
+    (kernels/segment.py)."""
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for mb in range(mb_lo, mb_hi):
@@ -142,7 +144,11 @@ def _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, Q, DO, s_q, s_do, DELTA, TW, TR, seq
         b_r = tl.load(TR + o_m, mask=m_m, other=0.0)
         b_delta_g = tl.load(DELTA + o_m, mask=m_m, other=0.0)
         # tiles are [queries, keys] as in the other kernels, so the scans are products with TRI on the right
-        _, b_lb, b_lom, b_beta, b_om, m_vis = causal_log_sigmoids(b_q, b_k, qk_scale, o_m, o_n, MASKED,
+        if SEGMENT_END is None:
+            o_vis = o_m
+        else:
+            o_vis = tl.zeros_like(o_m) + SEGMENT_END
+        _, b_lb, b_lom, b_beta, b_om, m_vis = causal_log_sigmoids(b_q, b_k, qk_scale, o_vis, o_n, MASKED,
                                                                   ATTEND_CURRENT, DOT_DTYPE != tl.float32, PRECISION)
         b_w_next = b_w + tl.sum(b_lom, axis=1)
         b_a = tl.exp2(b_lb + (b_w[:, None] + exclusive_cumsum(b_lom, TRI_L, True, SCAN_L, UPCAST)))
@@ -222,13 +228,15 @@ def dkdv_kernel(Q, K, V, DO, DELTA, TW, TR, DK, DV_, MB_STOP, CU, SC, scale, T, 
                 mb_stop = mb_end
             b_dkt, b_dvt = _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, Q + off_q, DO + off_do, s_q, s_do, DELTA + off_row,
                                       TW + off_tab, TR + off_tab, seq_start, seq_end, mb_lo, mb_full, qk_scale,
-                                      dz_scale, TRI_L, TRI_C, MASKED=True, ATTEND_CURRENT=ATTEND_CURRENT,
+                                      dz_scale, TRI_L, TRI_C, MASKED=True, SEGMENT_END=None,
+                                      ATTEND_CURRENT=ATTEND_CURRENT,
                                       UPCAST=UPCAST, DOT_DTYPE=DOT_DTYPE, PRECISION=PRECISION, SCAN_L=SCAN_L,
                                       SCAN_DL=SCAN_DL, D=D, DV=DV, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
                                       BLOCK_DV=BLOCK_DV)
             b_dkt, b_dvt = _dkdv_walk(b_dkt, b_dvt, b_k, b_v, o_n, Q + off_q, DO + off_do, s_q, s_do, DELTA + off_row,
                                       TW + off_tab, TR + off_tab, seq_start, seq_end, mb_full, mb_stop, qk_scale,
-                                      dz_scale, TRI_L, TRI_C, MASKED=False, ATTEND_CURRENT=ATTEND_CURRENT,
+                                      dz_scale, TRI_L, TRI_C, MASKED=False, SEGMENT_END=None,
+                                      ATTEND_CURRENT=ATTEND_CURRENT,
                                       UPCAST=UPCAST, DOT_DTYPE=DOT_DTYPE, PRECISION=PRECISION, SCAN_L=SCAN_L,
                                       SCAN_DL=SCAN_DL, D=D, DV=DV, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
                                       BLOCK_DV=BLOCK_DV)

@@ -3,8 +3,8 @@
 Two key segments combine associatively: for a query, a nearer segment's output and log-remainder ``(o_n, S_n)`` and
 a farther one's ``(o_f, S_f)`` give ``(o_n + exp(S_n) o_f, S_n + S_f)``. So a rank computes, for each of its query
 chunks, the chunk against itself (the causal op, ``stick_breaking_attention``) and against every earlier key chunk
-(every key visible: ``blocked.segment_forward``), as the key chunks travel around a ring of ranks, and combines
-them. Chunks arrive in ring order, not in order of distance; a partial waits in a *run* (an interval of chunk
+(every key visible: the segment kernels of kernels/segment.py on the Triton path, ``blocked.segment_forward`` on
+PyTorch's), as the key chunks travel around a ring of ranks, and combines them. Chunks arrive in ring order, not in order of distance; a partial waits in a *run* (an interval of chunk
 indices already combined, near to far) until it can join its neighbours, and a query chunk holds at most a few
 runs at a time (three for zigzag).
 
@@ -169,17 +169,46 @@ class _Runs:
 
 class _Local:
     """A rank's side of the walk: its query chunks (q5, grouped as blocked._grouped makes them), its key/value
-    chunks as the blocks that travel, in the compute dtype."""
+    chunks as the blocks that travel, and the work of a query chunk against an earlier key chunk (a pair): on the
+    Triton path the blocks travel in the inputs' dtype and a pair runs through the segment kernels
+    (kernels/segment.py), on the torch path through blocked.segment_forward / segment_backward's tiled PyTorch in
+    the compute dtype."""
 
-    def __init__(self, q, k, v, layout, group):
+    def __init__(self, q, k, v, layout, group, backend):
         self.rank, self.world = _world(group)
         self.layout, self.group = layout, group
         self.own, _ = _chunks(layout, self.rank, self.world)
         self.dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.triton = choose_backend(backend, q) == "triton"
         self.qc, self.kc, self.vc = (x.chunk(len(self.own), 2) for x in (q, k, v))
         grouped = [_grouped(a, b, c, self.dtype) for a, b, c in zip(self.qc, self.kc, self.vc)]
         self.q5 = [g[0] for g in grouped]
-        self.blocks = [x for g in grouped for x in g[1:]]  # k, v of each local chunk
+        if self.triton:
+            self.blocks = [x.contiguous() for pair in zip(self.kc, self.vc) for x in pair]
+        else:
+            self.blocks = [x for g in grouped for x in g[1:]]  # k, v of each local chunk
+
+    def pair_forward(self, i, k_b, v_b, scale, block):
+        """(o, S) of query chunk i against the key chunk (k_b, v_b), grouped as q5 (o (B, Hk, G, T, Dv))."""
+        if not self.triton:
+            return segment_forward(self.q5[i], k_b, v_b, scale, block)
+        from .kernels.segment import segment_forward_triton
+        o, S = segment_forward_triton(self.qc[i], k_b, v_b, scale)
+        return o.reshape(self.q5[i].shape[:-1] + (v_b.shape[-1],)), S.reshape(self.q5[i].shape[:-1])
+
+    def pair_backward(self, i, k_b, v_b, do5, dS, scale, block):
+        """(dq grouped as q5, dk, dv as (B, Hk, 1, T, *)) of pair_forward for the gradients do5 of o and dS of S."""
+        if not self.triton:
+            return segment_backward(self.q5[i], k_b, v_b, do5, dS, scale, block)
+        from .kernels.segment import segment_backward_triton
+        q = self.qc[i]
+        dq, dk, dv = segment_backward_triton(q, k_b, v_b, do5.reshape(q.shape[:-1] + (v_b.shape[-1],)),
+                                             dS.reshape(q.shape[:-1]), scale)
+        return dq.reshape(self.q5[i].shape), dk.unsqueeze(2), dv.unsqueeze(2)
+
+    def zero_accumulators(self):
+        """dk, dv accumulators for the travelling blocks, in the compute dtype, shaped (B, Hk, 1, T, *)."""
+        return [x.new_zeros(x.shape[:2] + (1,) + x.shape[-2:], dtype=self.dtype) for x in self.blocks]
 
     def pairs(self, accumulators=None):
         """(query chunk index, key chunk, its k, its v, the accumulators this rank holds, their index) for every
@@ -196,7 +225,7 @@ class _Local:
 class _ContextParallelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, attend_current, layout, group, backend, block):
-        loc = _Local(q, k, v, layout, group)
+        loc = _Local(q, k, v, layout, group, backend)
         own, qc, kc, vc, q5, dtype = loc.own, loc.qc, loc.kc, loc.vc, loc.q5, loc.dtype
         diag = [_diagonal(qc[i], kc[i], vc[i], scale, attend_current, backend, dtype) for i in range(len(own))]
         rem_d5 = [r.to(dtype).reshape(q5[i].shape[:-1]) for i, (_, r) in enumerate(diag)]
@@ -206,7 +235,7 @@ class _ContextParallelAttention(torch.autograd.Function):
         for i, b, k_b, v_b, _, _ in loc.pairs():
             if b < cutoff[i]:
                 continue
-            o_p, S_p = segment_forward(q5[i], k_b, v_b, scale, block)
+            o_p, S_p = loc.pair_forward(i, k_b, v_b, scale, block)
             runs[i].add(b, o_p, S_p)
             S_pair[i, b] = S_p
             if dtype == torch.float32:
@@ -234,7 +263,7 @@ class _ContextParallelAttention(torch.autograd.Function):
     def backward(ctx, do, drem):
         q, k, v = ctx.saved_tensors
         scale, attend_current, layout, group, backend, block, S_pair, saved = ctx.state
-        loc = _Local(q, k, v, layout, group)
+        loc = _Local(q, k, v, layout, group, backend)
         own, qc, kc, vc, q5, dtype = loc.own, loc.qc, loc.kc, loc.vc, loc.q5, loc.dtype
         do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=dtype, device=q.device) if do is None else do
         drem = torch.zeros(q.shape[:-1], dtype=dtype, device=q.device) if drem is None else drem
@@ -256,7 +285,7 @@ class _ContextParallelAttention(torch.autograd.Function):
         g_pair = {}
         for i, b, k_b, v_b, _, _ in loc.pairs():
             if (i, b) in S_pair:
-                g_pair[i, b] = (d_off[i][0] * segment_forward(q5[i], k_b, v_b, scale, block)[0]).sum(-1)
+                g_pair[i, b] = (d_off[i][0] * loc.pair_forward(i, k_b, v_b, scale, block)[0]).sum(-1)
         dS_pair = {}
         for i, a in enumerate(own):
             farther = torch.zeros_like(drem5[i])
@@ -266,11 +295,11 @@ class _ContextParallelAttention(torch.autograd.Function):
                     farther = farther + weight[i, b] * g_pair[i, b]
         # second pass: each pair's backward; the key chunks travel with their dk, dv accumulators
         dq5 = [torch.zeros_like(x) for x in q5]
-        for i, b, k_b, v_b, acc, j in loc.pairs([torch.zeros_like(x) for x in loc.blocks]):
+        for i, b, k_b, v_b, acc, j in loc.pairs(loc.zero_accumulators()):
             if (i, b) not in S_pair:
                 continue
-            dq_p, dk_p, dv_p = segment_backward(q5[i], k_b, v_b, weight[i, b][..., None] * d_off[i][0],
-                                                dS_pair[i, b], scale, block)
+            dq_p, dk_p, dv_p = loc.pair_backward(i, k_b, v_b, weight[i, b][..., None] * d_off[i][0],
+                                                 dS_pair[i, b], scale, block)
             dq5[i] += dq_p
             acc[j] += dk_p
             acc[j + 1] += dv_p
@@ -320,8 +349,9 @@ def context_parallel_attention(q_loc, k_loc, v_loc, *, group=None, layout="zigza
             v (B, Hk, T, Dv); the same shapes on every rank.
         group: the torch.distributed group (None: the default group); layout: "zigzag" or "contiguous".
         scale, attend_current, return_remainder, backend: as in ``stick_breaking_attention``; backend picks the
-            path of each chunk against itself, the chunks against earlier chunks run in tiled PyTorch.
-        block: keys per tile of the chunk-against-chunk work.
+            path of each chunk against itself and against earlier chunks (Triton's segment kernels or tiled
+            PyTorch).
+        block: keys per tile of the chunk-against-chunk work in PyTorch.
 
     Returns:
         ``o_loc`` (B, Hq, T_local, Dv) in q's dtype, or ``(o_loc, rem_loc)``, the local part of the single-process

@@ -62,7 +62,7 @@ def _rel(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
 
-def _compare(layout, regime, T, dtype, attend_current, seed, block):
+def _compare(layout, regime, T, dtype, attend_current, seed, block, backend="auto"):
     """Errors of the distributed op's o, rem and gradients against the single-process op in float64 on the same
     rounded inputs (the oracle is that op: 1e-12 from the float64 definition, tests/test_attention_torch.py)."""
     (q, k, v), scale, do, drem = _inputs(regime, T, dtype, seed)
@@ -72,7 +72,7 @@ def _compare(layout, regime, T, dtype, attend_current, seed, block):
     ((o * do).sum() + (rem * drem).sum()).backward()
     loc = [shard_sequence(x, layout=layout).requires_grad_() for x in (q, k, v)]
     o_l, rem_l = context_parallel_attention(*loc, layout=layout, scale=scale, attend_current=attend_current,
-                                            return_remainder=True, block=block)
+                                            return_remainder=True, block=block, backend=backend)
     assert o_l.dtype == q.dtype and rem_l.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     ((o_l.double() * shard_sequence(do, layout=layout)).sum()
      + (rem_l.double() * shard_sequence(drem, layout=layout)).sum()).backward()
@@ -102,6 +102,29 @@ def _case_low_precision(rank, world):
                 errs = _compare(layout, regime, 2 * world * 24, dtype, i == 1, seed=i, block=16)
                 out.append({"dtype": str(dtype), "layout": layout, "regime": regime, **errs})
     return out
+
+
+def _case_triton(rank, world):
+    """backend="triton" (Triton's interpreter on the CPU): each pair runs through the segment kernels, forward and
+    backward (counted by wrappers; the PyTorch segment functions never run), within the bounds of its dtype."""
+    import sb_ref.distributed as cp
+    import sb_ref.kernels.segment as segment
+    calls = {}
+
+    def counted(module, name, key):
+        real = getattr(module, name)
+        calls[key] = 0
+        setattr(module, name, lambda *a, **k: calls.update({key: calls[key] + 1}) or real(*a, **k))
+    counted(segment, "segment_forward_triton", "kernel_fwd")
+    counted(segment, "segment_backward_triton", "kernel_bwd")
+    counted(cp, "segment_forward", "torch_fwd")
+    counted(cp, "segment_backward", "torch_bwd")
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout, regime, attend_current in (("zigzag", "long", False), ("contiguous", "random", True)):
+            errs = _compare(layout, regime, 2 * world * 20, dtype, attend_current, seed=4, block=8, backend="triton")
+            out.append({"dtype": str(dtype), "layout": layout, "regime": regime, **errs})
+    return {"rows": out, **calls}
 
 
 def _case_early_exit(rank, world):
@@ -173,7 +196,7 @@ def _case_layer(rank, world):
 
 
 # the cases each world size runs, in one spawn per world size
-BY_WORLD = {2: ("exact", "low_precision", "errors", "layer"), 3: ("exact", "early_exit", "deterministic"),
+BY_WORLD = {2: ("exact", "low_precision", "errors", "layer", "triton"), 3: ("exact", "early_exit", "deterministic"),
             4: ("exact",)}
 
 
@@ -219,6 +242,17 @@ def test_float32_and_bfloat16_stay_within_the_bounds(reports):
         out_tol, grad_tol = TOL[getattr(torch, row["dtype"].split(".")[-1])]
         assert row["o"] <= out_tol and row["rem"] <= out_tol, row
         assert max(row["dq"], row["dk"], row["dv"]) <= grad_tol, row
+
+
+def test_the_triton_path_runs_each_pair_through_the_segment_kernels(reports):
+    for report in _case_reports(reports, 2, "triton"):
+        assert report["kernel_fwd"] > 0 and report["kernel_bwd"] > 0, report
+        assert report["torch_fwd"] == report["torch_bwd"] == 0, report
+        assert len(report["rows"]) == 4
+        for row in report["rows"]:
+            out_tol, grad_tol = TOL[getattr(torch, row["dtype"].split(".")[-1])]
+            assert row["o"] <= out_tol and row["rem"] <= out_tol, row
+            assert max(row["dq"], row["dk"], row["dv"]) <= grad_tol, row
 
 
 def test_used_up_sticks_stop_the_walk_over_earlier_chunks(reports):
