@@ -8,5 +8,6 @@ installed with ``sb_ref``; the checks that notebooks call live in the installed 
   library's files each lesson's sandbox shows as stubs.
 - :mod:`autograder.remote` (the grader's side), :mod:`autograder.serve` (the kernel's side) and :mod:`autograder.wire`
   (the codec between them): calls from the grader into the learner's functions.
-- :mod:`autograder.report`: the table and the JSON report.
+- :mod:`autograder.report`: the table and the JSON report; :mod:`autograder.leaderboard`: lesson 08's speed table
+  over every submission (``--leaderboard``).
 """

@@ -27,6 +27,10 @@ examples:
   python -m autograder lessons/02_log_space             grade one lesson
   python -m autograder --with-hidden submitted/         instructors: a folder of submissions, hidden tests too
   python -m autograder --json grades.json               also write the report as JSON
+  python -m autograder --with-hidden submitted/ --leaderboard board.md
+                                                        also rank every submission's lesson-08 kernel by its speed
+                                                        against sb_ref's, timed in this process (needs a GPU; without
+                                                        one the table lists the numerics and says "no GPU")
 """
 
 
@@ -38,6 +42,9 @@ def build_parser():
     parser.add_argument("--with-hidden", action="store_true",
                         help="instructors: also run the hidden tests, taken from solutions/")
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write the report to FILE as JSON")
+    parser.add_argument("--leaderboard", metavar="FILE", type=Path,
+                        help="also write a markdown table of every lesson-08 kernel's speed against sb_ref's, "
+                             "ranked (timed on a GPU only; autograder/leaderboard.py)")
     parser.add_argument("--solutions", metavar="DIR", type=Path, default=SOLUTIONS_DIR,
                         help="the trusted lessons, with their tests (default: solutions/)")
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=300.0,
@@ -110,6 +117,13 @@ def main(argv=None):
         where = ", ".join(map(str, args.paths)) if args.paths else f"{_display(LESSONS_DIR)}/ (<lesson>/<lesson>.ipynb)"
         print(f"No lesson notebooks to grade in {where}.")
         return 0
+    if args.leaderboard is not None:
+        from .leaderboard import LESSON
+        if not any(p.stem == LESSON for p in notebooks):
+            parser.error(f"--leaderboard ranks lesson 08's kernels, and no {LESSON}.ipynb is among the notebooks "
+                         "to grade")
+        if args.leaderboard.is_dir() or not args.leaderboard.parent.is_dir():
+            parser.error(f"--leaderboard: cannot write a file at {args.leaderboard}")
 
     from .sandbox import SandboxLimits, bwrap_problem
 
@@ -121,38 +135,52 @@ def main(argv=None):
     if problem:
         print(f"note: no sandbox ({problem}): the notebooks' code runs with your own rights.", file=sys.stderr)
 
+    from sb_ref.testing.speed import recorded_speeds
+
     from .grading import NotebookGrade, grade_notebook  # heavy imports only once there is work
+    from .leaderboard import LESSON, Leaderboard, submission_name
     from .report import table, write_json
 
     device = _device()
     on_gpu = device != "cpu"
     trusted = _fingerprint()
     grades = []
+    board = Leaderboard() if args.leaderboard is not None else None
+    if board is not None and not on_gpu:
+        print("note: no GPU: the leaderboard needs one to time the kernels; its table will list the numerics only, "
+              "with \"no GPU\" for the speed.", file=sys.stderr)
     print(f"Grading {len(notebooks)} notebook(s) on {device}"
           f"{', hidden tests included' if args.with_hidden else ''}:", file=sys.stderr, flush=True)
     for n, path in enumerate(notebooks, 1):
         label = path.stem if path.parent.parent == LESSONS_DIR.resolve() else _display(path)[:-len(".ipynb")]
         source = args.solutions / path.stem / f"{path.stem}.ipynb"
         print(f"  [{n}/{len(notebooks)}] {_display(path)} ...", end="", file=sys.stderr, flush=True)
-        if not source.exists():
-            grade = NotebookGrade(str(path), label, error=f"not a lesson of this course: no {_display(source)}")
-        else:
-            try:
-                grade = grade_notebook(path, source, with_hidden=args.with_hidden, lesson=label,
-                                       cell_timeout=args.timeout, call_timeout=args.timeout,
-                                       limits=SandboxLimits(memory_mb=args.memory_mb), sandboxed=not problem,
-                                       gpu=on_gpu)
-            except Exception as exc:  # an unreadable notebook, a kernel that cannot start: this notebook only
-                grade = NotebookGrade(str(path), label, error=f"could not be graded: {type(exc).__name__}: {exc}")
+        for_board = board is not None and path.stem == LESSON
+        with recorded_speeds() as speeds:  # what the speed checks measure, here in the grader's process
+            if not source.exists():
+                grade = NotebookGrade(str(path), label, error=f"not a lesson of this course: no {_display(source)}")
+            else:
+                try:
+                    grade = grade_notebook(path, source, with_hidden=args.with_hidden, lesson=label,
+                                           cell_timeout=args.timeout, call_timeout=args.timeout,
+                                           limits=SandboxLimits(memory_mb=args.memory_mb), sandboxed=not problem,
+                                           gpu=on_gpu)
+                except Exception as exc:  # an unreadable notebook, a kernel that cannot start: this notebook only
+                    grade = NotebookGrade(str(path), label, error=f"could not be graded: {type(exc).__name__}: {exc}")
         if _fingerprint() != trusted:  # learner code wrote into the grader's own files: nothing after is sound
             print(f"\nerror: grading {_display(path)} changed the grader's files (autograder/, sb_ref/ or "
                   "solutions/). Restore them (git status, git checkout) and grade again; that submission "
                   "tampered with the grader.", file=sys.stderr)
             return 1
         grades.append(grade)
+        if for_board:
+            board.add(submission_name(path, _display), grade, speeds)
         print(f" {grade.points:g}/{grade.max_points:g} points ({grade.seconds:.0f} s)", file=sys.stderr, flush=True)
     print(table(grades))
     if args.json:
         write_json(args.json, grades, with_hidden=args.with_hidden, device=device)
         print(f"\nJSON report: {_display(args.json)}")
+    if board is not None:
+        board.write(args.leaderboard, device=device, on_gpu=on_gpu)
+        print(f"\nLeaderboard: {_display(args.leaderboard)}" + ("" if on_gpu else " (no GPU: numerics only)"))
     return 0

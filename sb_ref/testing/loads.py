@@ -10,6 +10,9 @@ at most ``block`` columns at a time, and lesson 08's causal kernel must load few
   nothing else: :mod:`autograder.replay`) and replays the launches in a fresh sandboxed process that runs nothing of
   the learner's but those kernels (:func:`replay_launches`). The replay's result must be the function's result, so
   the kernel that was counted is the kernel that computed it.
+
+:func:`each_load` is the watch itself: the count here and the tile pictures of :mod:`sb_ref.testing.traffic` both
+hook every interpreted ``tl.load`` through it.
 """
 import ast
 import inspect
@@ -43,20 +46,39 @@ def interpreting():
 
 
 @contextmanager
+def each_load():
+    """Calls ``callback(builder, ptrs, mask)`` on every ``tl.load`` the Triton interpreter runs while the context is
+    open (``builder.grid_idx`` is the loading program); yields the list of callbacks to add to. The loads
+    themselves are unchanged."""
+    from triton.runtime import interpreter
+
+    callbacks = []
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def watched_load(self, ptrs, mask, *rest, **kwargs):
+        for callback in callbacks:
+            callback(self, ptrs, mask)
+        return original(self, ptrs, mask, *rest, **kwargs)
+
+    interpreter.InterpreterBuilder.create_masked_load = watched_load
+    try:
+        yield callbacks
+    finally:
+        interpreter.InterpreterBuilder.create_masked_load = original
+
+
+@contextmanager
 def watch_loads(tensor):
     """Counts the elements of ``tensor`` (its whole storage) that the Triton interpreter loads, in a
     :class:`LoadCount`."""
-    from triton.runtime import interpreter
-
     count = LoadCount()
     base, end = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().data_ptr() + tensor.untyped_storage().nbytes()
     start, itemsize = tensor.data_ptr(), tensor.element_size()
     columns = tensor.shape[-1] if tensor.dim() else 1
     row_bytes = (tensor.stride(-2) if tensor.dim() > 1 else max(columns, 1)) * itemsize
     T = tensor.shape[-2] if tensor.dim() > 1 else 1
-    original = interpreter.InterpreterBuilder.create_masked_load
 
-    def counting_load(self, ptrs, mask, *rest, **kwargs):
+    def count_load(builder, ptrs, mask):
         addresses = ptrs.data.reshape(-1).astype("int64")
         if mask is not None:
             addresses = addresses[mask.data.reshape(-1).astype(bool)]
@@ -66,13 +88,10 @@ def watch_loads(tensor):
             count.widest = max(count.widest, len(set((((inside - start) // itemsize) % max(columns, 1)).tolist())))
             for row in ((inside - start) // row_bytes % max(T, 1)).tolist():
                 count.rows[row] = count.rows.get(row, 0) + 1
-        return original(self, ptrs, mask, *rest, **kwargs)
 
-    interpreter.InterpreterBuilder.create_masked_load = counting_load
-    try:
+    with each_load() as callbacks:
+        callbacks.append(count_load)
         yield count
-    finally:
-        interpreter.InterpreterBuilder.create_masked_load = original
 
 
 def watched_loads(fn, args, watched=0):

@@ -19,7 +19,7 @@ can slow the reference down.
 """
 import secrets
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import astuple, dataclass
 
 import torch
@@ -46,6 +46,36 @@ DIGEST_TOL = 0.05
 
 #: (smallest throughput ratio to sb_ref's kernel, share of the exercise's points), best first
 SPEED_TIERS = ((0.9, 1.0), (0.6, 0.75), (0.3, 0.5), (0.0, 0.25))
+
+
+#: While :func:`recorded_speeds` is open: the list that :func:`check_speed` adds what it measured to.
+_RECORDS = None
+
+
+@contextmanager
+def recorded_speeds():
+    """Collects what every :func:`check_speed` of this process measures while the context is open: a list of dicts
+    ``{"check", "numerics", "error", "ms", "reference_ms", "ratio", "share", "device", "timing", "tiers"}``
+    (``numerics``: whether the output matched sb_ref's; ``ms``, ``reference_ms``, ``ratio``, ``share``: None without
+    a GPU or when the timing was refused, with ``error`` saying why; ``timing`` the :class:`TimingCase` timed on a
+    GPU, ``tiers`` the speed tiers). The course's grader builds its leaderboard from it
+    (``autograder/leaderboard.py``): the checks run in the grader's process, so these are its own measurements."""
+    global _RECORDS
+    outer, _RECORDS = _RECORDS, []
+    try:
+        yield _RECORDS
+    finally:
+        _RECORDS = outer
+
+
+def _record(check, timing, tiers, numerics, error="", ms=None, reference_ms=None):
+    if _RECORDS is None:
+        return
+    ratio = None if ms is None else reference_ms / ms
+    _RECORDS.append({"check": check, "numerics": numerics, "error": error, "ms": ms, "reference_ms": reference_ms,
+                     "ratio": ratio, "share": None if ratio is None else speed_share(ratio, tiers),
+                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     "timing": timing, "tiers": tuple(tiers)})
 
 
 class Score(float):
@@ -223,19 +253,26 @@ def check_speed(fn, reference, make_args, *, points, timing=TimingCase(4, 12, 40
     got, want = (got[0], want[0]) if isinstance(want, tuple) else (got, want)
     err = rel_err(got, want)
     if not err <= tol:
+        _record(check, timing, tiers, False, f"differs from sb_ref's output by {err:.2e} (allowed {tol:.1e})")
         raise AssertionError(f"{check}: numerics first: your output differs from sb_ref's by {err:.2e} "
                              f"(relative Frobenius; allowed {tol:.1e}). Speed is scored once the numerics pass.")
     if on_gpu:
         try:
             t_fn, t_ref = time_pair(fn, reference, timing)
         except AssertionError as exc:
+            _record(check, timing, tiers, True, str(exc))
             raise AssertionError(f"{check}: {exc}") from None
+        except Exception as exc:  # the learner's kernel timed out or crashed while timed
+            _record(check, timing, tiers, True, f"the timing stopped: {type(exc).__name__}: {exc}")
+            raise
+        _record(check, timing, tiers, True, ms=t_fn, reference_ms=t_ref)
         ratio = t_ref / t_fn
         share = speed_share(ratio, tiers)
         note = (f"speed on {torch.cuda.get_device_name()}: {t_fn:.3f} ms vs sb_ref's {t_ref:.3f} ms, "
                 f"{ratio:.2f}x its throughput: {share:.0%} of the points")
         print(f"{check}: {note}")
         return Score(points * share, note)
+    _record(check, timing, tiers, True, "no GPU: speed is measured on a GPU only")
     T = small[0].shape[-2]
     q = small[0]
     large = make_inputs("random", B=1, Hq=1, T=PROXY_T, D=q.shape[-1], dtype=q.dtype, seed=0) + tuple(small[3:])
