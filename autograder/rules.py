@@ -58,8 +58,9 @@ HIDDEN = {
     "06_triton_forward": {**_ATTENTION, **_LAYER, **_ORACLES},
     "07_triton_backward": {**_BACKWARD, **_LAYER, **_ORACLES},
     "08_performance": {**_ATTENTION, **_LAYER, **_ORACLES},
-    # The capstone trains with the library's layer; its checks build their reference models in the notebook's
-    # kernel, so references.py stays.
+    # The capstone trains on the learner's earlier work, or on the library's attention where that is not reachable
+    # (always in this sandbox, which shows only the lesson's folder); its checks build their reference models in the
+    # notebook's kernel, so references.py stays.
     "09_capstone": {"sb_ref/testing/core.py": Shown(hide=("oracle_attention",))},
 }
 

@@ -221,8 +221,9 @@ def check_sb_attention(sb_attention, *, seed=0, cases=_ATTENTION_CASES, regimes=
                     o, rem = unpack(result, 2, check, sb_attention, case, ("o", "rem"))
                     if run == 0:
                         compare(check, o, o_ref, TOLERANCE.output[torch.float32], case, what="o",
-                                hint="forward: o, rem = sb_ref.stick_breaking_attention(q, k, v, attend_current="
-                                     "attend_current, return_remainder=True).")
+                                hint="keep the forward you were given: o, rem = sb_forward(q, k, v, attend_current), "
+                                     "lesson 06's forward (or sb_ref's in its place) as the cell before the exercise "
+                                     "takes it.")
                         compare(check, rem, rem_ref, TOLERANCE.output[torch.float32], case, what="rem",
                                 hint="forward returns (o, rem), rem from return_remainder=True.")
                     grads.append(_grads(check, o, rem, dO, dRem, inputs, case, hint_backward))
