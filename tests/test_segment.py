@@ -2,8 +2,13 @@
 gradients, against the float64 PyTorch segment functions (sb_ref.blocked.segment_forward / segment_backward) on the
 same rounded inputs, in every regime; on the CPU through Triton's interpreter, on a GPU compiled (the same
 tests)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import triton
 
 from reference import rel_err
 from test_kernels import TOL, make_inputs
@@ -53,3 +58,54 @@ def test_an_empty_segment_leaves_the_stick_whole():
     assert torch.equal(o, torch.zeros_like(o)) and torch.equal(S, torch.zeros_like(S))
     dq, dk, dv = segment_backward_triton(q, q[:, :, :0], q[:, :, :0], q, q[..., 0], 0.25)
     assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == dv.shape == (1, 2, 0, 16)
+
+
+
+# pointer dtypes of a bfloat16 launch: the forward reads q, k and v's float16 copy, the backward float16 copies
+POINTERS = {"segment_forward_kernel": dict(Q="bf16", K="bf16", V="fp16", O="fp32", S="fp32", SC="fp32"),
+            "segment_dq_kernel": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", DS="fp32", DQ="fp32", DELTA="fp32",
+                                      TW="fp32", TR="fp32", SC="fp32"),
+            "segment_dkdv_kernel": dict(Q="fp16", K="fp16", V="fp16", DO="fp16", DELTA="fp32", TW="fp32", TR="fp32",
+                                        DK="fp32", DV_="fp32", SC="fp32")}
+
+
+def compile_for_sm90():
+    """Compiles each segment kernel for an H100 as a bfloat16 launch at D = 128 would specialise it and prints
+    whether its products are wgmma (run without the interpreter)."""
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sb_ref.kernels import segment
+    for name, pointers in POINTERS.items():
+        fn = getattr(segment, name)
+        values = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, UPCAST=False, PRECISION="ieee", SPLIT_A=False,
+                      SCAN_L=2, SCAN_DL=1, BLOCK_M=64, BLOCK_N=32, OP_DTYPE=tl.float16,
+                      DOT_DTYPE=tl.bfloat16 if pointers["Q"] == "bf16" else tl.float16)
+        signature, constexprs = {}, {}
+        for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):
+            if param.is_constexpr:
+                signature[arg], constexprs[arg] = "constexpr", values[arg]
+            elif arg in pointers:
+                signature[arg] = "*" + pointers[arg]
+            elif arg == "scale":
+                signature[arg] = "fp32"
+            elif arg.startswith("s_"):  # (batch, head, time, dim) strides, the dim's specialised to 1
+                signature[arg], constexprs[(i, 3)] = ("i32", "i32", "i32", "constexpr"), 1
+            else:
+                signature[arg] = "i32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=2))
+        print(name, "wgmma" in compiled.asm["ptx"])
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                                    "ptxas")), reason="this triton ships no ptxas")
+def test_the_segment_kernels_compile_for_sm90_on_tensor_cores():
+    """The interpreter accepts things the GPU compiler rejects: compile each kernel for sm_90, in a fresh process
+    without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", "from test_segment import compile_for_sm90; compile_for_sm90()"],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [word for name in POINTERS for word in (name, "True")], out.stdout
