@@ -212,7 +212,8 @@ def segment_backward_triton(q, k, v, do, dS, scale, config=LaunchConfig()):
         return dq, dk, dv
     # dO in the operands' dtype (bfloat16's float16 copy is made from float32 directly)
     do = do if q.dtype == torch.bfloat16 else do.to(q.dtype)
-    ops = backward_operands(scale, DV, do, dS.to(torch.float32).contiguous(), q, k, v)
+    dS = dS.to(torch.float32).contiguous()
+    ops = backward_operands(scale, DV, do, dS, q, k, v)
     do_op, q_op, k_op, v_op, table = ops
     chunk = p.chunk_size()  # keys per chunk of the carry table, from the segment's length
     n_chunks = triton.cdiv(TK, chunk)
@@ -223,7 +224,7 @@ def segment_backward_triton(q, k, v, do, dS, scale, config=LaunchConfig()):
                  PRECISION=p.precision, BLOCK_D=p.block_d, BLOCK_DV=p.block_dv)
     tile = p.tile("dq")
     segment_dq_kernel[(B * H, triton.cdiv(TQ, tile.block_m))](
-        q_op, k_op, v_op, do_op, dS.to(torch.float32).contiguous(), dq, delta_g, tw, tr, table, float(scale), TQ, TK,
+        q_op, k_op, v_op, do_op, dS, dq, delta_g, tw, tr, table, float(scale), TQ, TK,
         chunk, n_chunks, q_op.stride(), k_op.stride(), v_op.stride(), do_op.stride(), SCAN_L=tile.scan_l,
         SCAN_DL=tile.scan_dl, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **sizes, **tile.launch_options())
     tile = p.tile("dkdv")
