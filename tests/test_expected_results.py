@@ -1,5 +1,5 @@
 """What right looks like (sb_ref/testing/lessons/expected.py): lesson 02's recorded error table against a fresh run,
-and the references that lessons 01 and 04 draw beside the learner's pictures.
+and the references that lessons 01, 03 and 04 draw beside the learner's pictures.
 
 The recorded table (``expected_recorded.py``) is what lesson 02 prints beside the learner's own; it was written by
 ``python -m sb_ref.testing.lessons.expected --record``. Run again here on the CPU, every error must come out within
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import sb_ref
 from sb_ref.testing.lessons import expected
 from sb_ref.testing.lessons.expected_recorded import RECORDED
 
@@ -129,6 +130,63 @@ def test_weights_beside_reference_say_whether_they_match(agg, capsys):
     assert "they match" in capsys.readouterr().out
     expected.weights_beside_reference(z, np.tril(np.ones((9, 9)), -1) / 9)
     assert "they differ" in capsys.readouterr().out
+
+
+def test_the_picture_is_titled_and_its_panels_labelled(monkeypatch, tmp_path):
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+
+    def keep():
+        fig = plt.gcf()
+        drawn["title"] = fig._suptitle.get_text() if fig._suptitle else None
+        drawn["panels"] = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        plt.close("all")
+
+    monkeypatch.setattr(plt, "show", keep)
+    expected.weights_beside_reference(np.zeros((4, 4)), np.zeros((4, 4)), also={"softmax": np.eye(4)},
+                                      title="random tokens")
+    assert drawn == {"title": "random tokens", "panels": ["reference (sb_ref)", "yours", "softmax"]}
+
+
+def library_attention(q, k, v, attend_current=False):
+    """The library's attention, called as lesson 02's stable_attention."""
+    return sb_ref.stick_breaking_attention(q, k, v, attend_current=attend_current, return_remainder=True)
+
+
+@pytest.mark.parametrize("T, d", [(13, 4), (8, 8), (5, 16)])
+@pytest.mark.parametrize("attend_current", [False, True])
+def test_weights_from_attention_reads_the_library_weights(T, d, attend_current):
+    """Lesson 03 reads the weights its attention applies by giving it the identity as values, d columns at a time:
+    for the library's attention they are the library's weights, however T and d divide."""
+    q, k = torch.randn(2, T, d, dtype=torch.float64) * 2
+    yours = expected.weights_from_attention(library_attention, q.float(), k.float(), attend_current=attend_current)
+    z = (q.float().double() @ k.float().double().T / d ** 0.5).numpy()
+    right = expected.reference_weights()(z, attend_current)
+    assert yours.dtype == np.float64 and yours.shape == (T, T)
+    assert np.abs(yours - right).max() <= 1e-12
+
+
+def test_weights_from_attention_shows_a_wrong_attention_as_it_is():
+    """An attention that spreads each row uniformly over earlier keys is read back as exactly that."""
+    def uniform(q, k, v):
+        T = q.shape[-2]
+        A = torch.ones(T, T, dtype=q.dtype).tril(-1)
+        A = A / A.sum(-1, keepdim=True).clamp(min=1)
+        return A @ v, 1 - A.sum(-1)
+
+    q, k = torch.randn(2, 7, 3)
+    read = expected.weights_from_attention(uniform, q, k)
+    assert np.abs(read - np.tril(np.ones((7, 7)), -1) / np.maximum(np.arange(7), 1)[:, None]).max() < 1e-15
+
+
+def test_weights_from_attention_refuses_more_than_one_head():
+    with pytest.raises(ValueError, match="one head's"):
+        expected.weights_from_attention(library_attention, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
 
 
 def test_the_references_step_aside_in_the_sandbox(agg, monkeypatch, capsys):

@@ -8,6 +8,7 @@ to keep each notebook's output.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,17 +44,30 @@ def notebook_as_script(path):
     return PRELUDE + "\n\n".join(code) + "\n"
 
 
+def composes(notebook):
+    """Whether a notebook takes a function from an earlier lesson (sb_ref.testing.lessons.earlier.from_lesson)."""
+    return "from_lesson(" in notebook_as_script(notebook)
+
+
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_solution_notebook_runs_on_the_gpu(lesson, tmp_path):
+    """Run from a copy of the whole solutions folder, so that a lesson that builds on an earlier one finds that
+    lesson's notebook beside it, as in a learner's course folder, and must use it rather than the fallback."""
+    course = tmp_path / "solutions"
+    shutil.copytree(ROOT / "solutions", course, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    notebook = course / lesson / f"{lesson}.ipynb"
     script = tmp_path / f"{lesson}.py"
-    script.write_text(notebook_as_script(ROOT / "solutions" / lesson / f"{lesson}.ipynb"))
+    script.write_text(notebook_as_script(notebook))
     env = dict(os.environ, MPLBACKEND="Agg", MPLCONFIGDIR=str(tmp_path / "mpl"))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, str(script)], cwd=notebook.parent, env=env, capture_output=True,
+                          text=True, timeout=900)
     logs = os.environ.get("SB_LESSON_LOGS")
     if logs:
         Path(logs).mkdir(parents=True, exist_ok=True)
         (Path(logs) / f"{lesson}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     assert proc.returncode == 0, f"{lesson} failed on the GPU:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "passed" in proc.stdout, f"{lesson}: no check said it passed:\n{proc.stdout[-2000:]}"
+    if composes(notebook):
+        assert "it is the one used here" in proc.stdout and "in its place" not in proc.stdout, \
+            f"{lesson} fell back to the library instead of the earlier lesson's solution:\n{proc.stdout[-2000:]}"

@@ -1,4 +1,4 @@
-"""What right looks like, for lessons 01, 02 and 04: references drawn beside the learner's pictures, and lesson 02's
+"""What right looks like, for lessons 01 to 04: references drawn beside the learner's pictures, and lesson 02's
 error table as recorded from a real run.
 
 The release and the solutions carry no outputs, so a learner whose picture looks odd has nothing to hold it
@@ -64,29 +64,55 @@ def reference_weights():
     return weights
 
 
-def weights_beside_reference(z, yours, *, attend_current=False, also=None):
+def weights_beside_reference(z, yours, *, attend_current=False, also=None, title=None):
     """Draws sb_ref's weight matrix of the logits ``z`` beside ``yours`` (and the matrices of ``also``, a dict
-    {title: matrix}), on one colour scale, and prints how far apart the two are."""
+    {title: matrix}), on one colour scale, under ``title`` if given, and prints how far apart the two are."""
     import matplotlib.pyplot as plt
 
     weights = reference_weights()
     panels = {"reference (sb_ref)": None if weights is None else weights(z, attend_current), "yours": yours,
               **(also or {})}
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 3.8))
-    for ax, (title, A) in zip(axes, panels.items()):
+    for ax, (name, A) in zip(axes, panels.items()):
         if A is None:
             ax.text(0.5, 0.5, "not shown while graded", ha="center", va="center", transform=ax.transAxes)
-            ax.set(title=title, xticks=[], yticks=[])
+            ax.set(title=name, xticks=[], yticks=[])
             continue
         im = ax.imshow(np.asarray(A, dtype=np.float64), cmap="viridis", vmin=0, vmax=1)
-        ax.set(title=title, xlabel="key j")
+        ax.set(title=name, xlabel="key j")
     axes[0].set(ylabel="query i")
     fig.colorbar(im, ax=axes, shrink=0.8)
+    if title:
+        fig.suptitle(title)
     plt.show()
     if panels["reference (sb_ref)"] is not None:
         gap = float(np.abs(np.asarray(yours, dtype=np.float64) - panels["reference (sb_ref)"]).max())
         print(f"largest |yours - reference| = {gap:.1e}: " + ("they match." if gap <= 1e-12 else
                                                              "they differ, see where the pictures do."))
+
+
+# ---------------------------------------------------------------------------------------- lesson 03: pictures
+
+
+def weights_from_attention(attention, q, k, *, attend_current=False):
+    """The weight matrix that ``attention`` (called as lesson 02's ``stable_attention(q, k, v, ...) -> (o, rem)``)
+    applies to one head's ``q`` and ``k`` of shape (T, d), as a float64 numpy array: with v the identity,
+    o = A v = A. The identity goes in d columns at a time, so the function is only ever given values as wide as its
+    keys."""
+    if q.ndim != 2 or k.shape != q.shape:
+        raise ValueError(f"q and k must be one head's (T, d) matrices of one shape, got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    T, d = q.shape
+    q4, k4 = (x.detach().to(torch.float64)[None, None] for x in (q, k))
+    options = {"attend_current": True} if attend_current else {}
+    columns = []
+    for start in range(0, T, d):
+        width = min(d, T - start)
+        v = torch.zeros(T, d, dtype=torch.float64)
+        v[start:start + width, :width] = torch.eye(width, dtype=torch.float64)
+        o, _ = attention(q4, k4, v[None, None], **options)
+        columns.append(o[0, 0, :, :width].detach())
+    return torch.cat(columns, dim=1).numpy()
 
 
 # ---------------------------------------------------------------------------------------- lesson 04: pictures
